@@ -1,0 +1,7 @@
+"""lowbit: the package behind the book *Training low-bit neural networks*.
+
+Modules: :mod:`lowbit.quant` (uniform quantizers, STE, post-training quantization),
+:mod:`lowbit.data` (offline data sets), :mod:`lowbit.models`, :mod:`lowbit.train`,
+:mod:`lowbit.plots` and :mod:`lowbit.bench` (``python -m lowbit.bench``).
+"""
+__version__ = "0.1.0"

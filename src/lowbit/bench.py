@@ -1,0 +1,71 @@
+"""The project's benchmark: ``python -m lowbit.bench`` prints one ``name: value`` line
+per figure. Every figure is a ratio of two timings taken in the same run, so it
+compares like with like on whatever machine runs it.
+
+Timings are medians over repeats after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from .quant import quantize_symmetric
+
+__all__ = ["median_time", "ratio", "bench_fake_quant", "BENCHMARKS", "main"]
+
+
+def median_time(fn: Callable[[], object], repeats: int = 15, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in seconds (CUDA work is synchronized)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ratio(fn: Callable[[], object], baseline: Callable[[], object], repeats: int = 15) -> float:
+    """time(fn) / time(baseline), measured interleaved in one run."""
+    a, b = [], []
+    for _ in range(3):  # interleave to share any drift in machine load
+        a.append(median_time(fn, repeats // 3 or 1))
+        b.append(median_time(baseline, repeats // 3 or 1))
+    return statistics.median(a) / statistics.median(b)
+
+
+def bench_fake_quant(n: int = 16 * 2 ** 20, bits: int = 4) -> dict[str, float]:
+    """Per-tensor fake-quantize of an n-element tensor against ``x.clone()``."""
+    x = torch.randn(n, device="cuda" if torch.cuda.is_available() else "cpu")
+    return {"fake_quant_per_tensor_vs_clone":
+            ratio(lambda: quantize_symmetric(x, bits), lambda: x.clone(), repeats=30)}
+
+
+BENCHMARKS: dict[str, Callable[[], dict[str, float]]] = {"fake_quant": bench_fake_quant}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lowbit.bench", description=__doc__)
+    p.add_argument("only", nargs="*", help=f"benchmarks to run (default all): {list(BENCHMARKS)}")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.only if n not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    torch.manual_seed(0)
+    print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}"
+          f" ({torch.get_num_threads()} threads)")
+    for name in args.only or BENCHMARKS:
+        for key, value in BENCHMARKS[name]().items():
+            print(f"{key}: {value:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

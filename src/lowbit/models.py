@@ -1,0 +1,122 @@
+"""The models the chapters train: a small CNN and an MLP for the packaged digit data
+sets, and ResNet-20 (He et al., 2016) for CIFAR-10."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+__all__ = ["SmallCNN", "MLP", "ResNet20", "resnet20", "build_model"]
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+class SmallCNN(nn.Module):
+    """conv-BN-ReLU blocks with max-pooling, then one linear classifier.
+
+    ``widths=(16, 32)`` on 28x28 MNIST has about 20k parameters and trains an
+    epoch of 4,000 images in about a second on two CPU cores.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10,
+                 widths: tuple[int, ...] = (16, 32), image_size: int = 28) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, size = in_channels, image_size
+        for w in widths:
+            layers += _conv_bn_relu(c, w) + [nn.MaxPool2d(2)]
+            c, size = w, size // 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c * size * size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class MLP(nn.Module):
+    """Fully connected network with BatchNorm and ReLU between the layers."""
+
+    def __init__(self, in_features: int = 784, hidden: tuple[int, ...] = (128, 64),
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for h in hidden:
+            layers += [nn.Linear(in_features, h, bias=False), nn.BatchNorm1d(h), nn.ReLU()]
+            in_features = h
+        layers.append(nn.Linear(in_features, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity shortcut; when the shape changes, the
+    shortcut subsamples and pads channels with zeros ("option A" of He et al.)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu2 = nn.ReLU()
+        self.stride, self.pad = stride, c_out - c_in
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1 and self.pad == 0:
+            return x
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """ResNet-20 for 32x32 images: 3 stages of 3 basic blocks, 16/32/64 channels (0.27M)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        blocks, c = [], width
+        for stage, c_out in enumerate((width, 2 * width, 4 * width)):
+            for i in range(3):
+                blocks.append(BasicBlock(c, c_out, 2 if stage > 0 and i == 0 else 1))
+                c = c_out
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet20(num_classes: int = 10) -> ResNet20:
+    return ResNet20(num_classes)
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10,
+                **kw) -> nn.Module:
+    """A model by name (``"cnn"``, ``"mlp"``, ``"resnet20"``) sized for ``input_shape``."""
+    if name == "cnn":
+        if len(input_shape) != 3:
+            raise ValueError(f"'cnn' needs image inputs (C, H, W), got shape {input_shape}")
+        return SmallCNN(input_shape[0], num_classes, image_size=input_shape[-1], **kw)
+    if name == "mlp":
+        n = 1
+        for s in input_shape:
+            n *= s
+        return MLP(n, num_classes=num_classes, **kw)
+    if name == "resnet20":
+        return ResNet20(num_classes, in_channels=input_shape[0], **kw)
+    raise ValueError(f"unknown model {name!r}; choose 'cnn', 'mlp' or 'resnet20'")

@@ -1,0 +1,124 @@
+"""Plotly figure builders shared by every chapter.
+
+Interactive figures use plotly's own sliders (each step shows one group of traces):
+they stay interactive in the static HTML book, where ipywidgets cannot call Python.
+Call :func:`use_notebook_renderer` once at the top of a notebook so figures show both
+in Jupyter and in the built book.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+
+__all__ = ["use_notebook_renderer", "stepped_figure", "line_figure", "grid_lines",
+           "histogram_with_grid", "quantizer_staircase", "history_figure", "COLORS"]
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
+          "#e377c2", "#7f7f7f", "#bcbd22"]
+
+
+def use_notebook_renderer() -> None:
+    """Render figures as plotly JSON plus self-contained HTML (no CDN), which both
+    Jupyter and the Jupyter Book build display."""
+    pio.renderers.default = "plotly_mimetype+notebook"
+    pio.templates.default = "plotly_white"
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def stepped_figure(steps: Sequence[tuple[str, Sequence[go.BasePlotlyType]]],
+                   slider_label: str = "", active: int = 0, title: str = "",
+                   height: int = 420, **layout) -> go.Figure:
+    """One figure, a slider, and one group of traces per slider step.
+
+    ``steps`` is a list of ``(label, traces)``; moving the slider to a step shows that
+    step's traces and hides the others (and may change the title to the label).
+    """
+    if not steps:
+        raise ValueError("stepped_figure needs at least one step")
+    fig = go.Figure()
+    owner: list[int] = []
+    for i, (_, traces) in enumerate(steps):
+        for t in traces:
+            t.visible = i == active
+            fig.add_trace(t)
+            owner.append(i)
+    slider_steps = [dict(label=str(label), method="update",
+                         args=[{"visible": [o == i for o in owner]},
+                               {"title.text": f"{title} — {slider_label} {label}" if title
+                                else ""}])
+                    for i, (label, _) in enumerate(steps)]
+    fig.update_layout(
+        title=f"{title} — {slider_label} {steps[active][0]}" if title else None,
+        height=height, margin=dict(t=60, b=40, l=60, r=20),
+        sliders=[dict(active=active, steps=slider_steps, pad=dict(t=50),
+                      currentvalue=dict(prefix=f"{slider_label} "))], **layout)
+    return fig
+
+
+def line_figure(x: Sequence, series: Mapping[str, Sequence[float]], title: str = "",
+                xaxis: str = "", yaxis: str = "", log_y: bool = False,
+                markers: bool = True, height: int = 380, **layout) -> go.Figure:
+    """Several named lines over a shared x axis."""
+    fig = go.Figure()
+    for i, (name, ys) in enumerate(series.items()):
+        fig.add_trace(go.Scatter(x=list(x), y=list(ys), name=name,
+                                 mode="lines+markers" if markers else "lines",
+                                 line=dict(color=COLORS[i % len(COLORS)])))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=height,
+                      margin=dict(t=50, b=40, l=60, r=20), **layout)
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def grid_lines(levels, y_max: float, name: str = "grid", color: str = "#d62728",
+               showlegend: bool = True) -> go.Scatter:
+    """Vertical lines at the quantization ``levels`` as one trace (cheap to draw)."""
+    xs, ys = [], []
+    for v in _np(levels).ravel():
+        xs += [float(v), float(v), None]
+        ys += [0.0, y_max, None]
+    return go.Scatter(x=xs, y=ys, mode="lines", name=name, showlegend=showlegend,
+                      line=dict(color=color, width=1, dash="dot"), hoverinfo="skip")
+
+
+def histogram_with_grid(w, levels, bins: int = 120, name: str = "weights",
+                        color: str = COLORS[0]) -> list[go.BasePlotlyType]:
+    """Traces: a histogram of ``w`` and dotted lines at the grid ``levels``."""
+    w = _np(w).ravel()
+    counts, edges = np.histogram(w, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    bar = go.Bar(x=centers, y=counts, width=float(edges[1] - edges[0]), name=name,
+                 marker=dict(color=color), opacity=0.8)
+    return [bar, grid_lines(levels, float(counts.max()) * 1.05)]
+
+
+def quantizer_staircase(w, q, name: str = "Q(w)") -> list[go.BasePlotlyType]:
+    """Traces: the identity and the quantizer ``q`` as a function of ``w`` (sorted)."""
+    w, q = _np(w).ravel(), _np(q).ravel()
+    order = np.argsort(w)
+    return [go.Scatter(x=w[order], y=w[order], name="w", mode="lines",
+                       line=dict(color="#999", dash="dash")),
+            go.Scatter(x=w[order], y=q[order], name=name, mode="lines",
+                       line=dict(color=COLORS[0], shape="hv"))]
+
+
+def history_figure(histories: Mapping[str, object], metric: str = "test_acc",
+                   title: str = "", yaxis: str | None = None) -> go.Figure:
+    """One line per run: ``metric`` (a History field or extra key) against the epoch."""
+    series = {}
+    for name, h in histories.items():
+        values = getattr(h, metric, None)
+        if values is None:
+            values = h.extra[metric]
+        series[name] = values
+    n = max(len(v) for v in series.values())
+    return line_figure(range(1, n + 1), series, title=title, xaxis="epoch",
+                       yaxis=yaxis or metric.replace("_", " "))

@@ -1,0 +1,413 @@
+"""Uniform quantizers: the common ground of the three methods (METHODS.md).
+
+Symmetric b-bit weight quantizer (per tensor or per output channel)::
+
+    Δ = max|w| / (2^(b-1) - 1)
+    Q(w) = Δ · round(clip(w / Δ, -(2^(b-1) - 1), 2^(b-1) - 1))
+
+It has 2^b - 1 levels and represents zero exactly. Also here: the unsigned
+activation quantizer after ReLU, the asymmetric range quantizer, nearest and
+stochastic rounding, a straight-through estimator for quantization-aware
+training (QAT), data-free layer-wise post-training quantization (PTQ) of a copy
+of a model, and a model's size in bits.
+
+Every function returns the *dequantized* tensor (values on the grid, in the
+tensor's own units), which is what training and accuracy measurements need.
+"""
+from __future__ import annotations
+
+import copy
+import numbers
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+Rounding = Literal["nearest", "stochastic"]
+
+__all__ = [
+    "check_bits", "check_tensor", "signed_levels", "symmetric_scale", "symmetric_grid",
+    "round_stochastic", "quantize_symmetric", "quantize_unsigned", "quantize_asymmetric",
+    "FakeQuantSTE", "fake_quantize_ste", "QuantConv2d", "QuantLinear", "ActQuant",
+    "prepare_qat", "quantize_model", "quantizable_layers", "model_size_bits", "quantization_mse",
+]
+
+
+# ----------------------------------------------------------------------------- checks
+def check_bits(bits: object, low: int = 2, high: int = 32, name: str = "bits") -> int:
+    """Return ``bits`` as an int, or raise a ValueError that names it and the allowed range."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        if (not isinstance(bits, bool) and isinstance(bits, numbers.Real)
+                and float(bits).is_integer()):
+            bits = int(bits)
+        else:
+            raise ValueError(f"{name} must be a whole number from {low} to {high}, got {bits!r}")
+    if not low <= bits <= high:
+        raise ValueError(f"{name} must be from {low} to {high}, got {bits}")
+    return int(bits)
+
+
+def _finite_range(x: object, name: str = "tensor", dim: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate ``x`` and return its (min, max): over the whole tensor, or per index
+    along ``dim`` (shaped to broadcast against ``x``).
+
+    One ``aminmax`` pass does both jobs: NaN and ±inf propagate into the extremes,
+    so the finiteness check costs nothing beyond the range we need anyway.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); nothing to quantize")
+    x = x.detach()
+    if dim is None:
+        lo, hi = torch.aminmax(x)
+    else:
+        if x.dim() < 1 or not -x.dim() <= dim < x.dim():
+            raise ValueError(f"{name} has no dimension {dim} to take ranges along; "
+                             f"got shape {tuple(x.shape)}")
+        dim %= x.dim()
+        lo, hi = torch.aminmax(x.movedim(dim, 0).reshape(x.shape[dim], -1), dim=1)
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        lo, hi = lo.reshape(shape), hi.reshape(shape)
+    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or ±inf); "
+                         "quantization needs finite values")
+    return lo, hi
+
+
+def check_tensor(x: object, name: str = "tensor") -> torch.Tensor:
+    """Raise a ValueError unless ``x`` is a non-empty, finite floating-point tensor."""
+    _finite_range(x, name)
+    return x
+
+
+def _check_rounding(rounding: str) -> None:
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+
+
+# ----------------------------------------------------------------------------- grids
+def signed_levels(bits: int) -> int:
+    """Largest integer code of the symmetric b-bit grid: 2^(b-1) - 1."""
+    return 2 ** (check_bits(bits) - 1) - 1
+
+
+def symmetric_scale(w: torch.Tensor, bits: int, per_channel: bool = False,
+                    axis: int = 0) -> torch.Tensor:
+    """Step Δ = max|w| / (2^(b-1) - 1), one per tensor or one per slice along ``axis``.
+
+    The result broadcasts against ``w``. An all-zero tensor (or channel) gets Δ = 1,
+    so that it quantizes to zero instead of dividing by zero.
+    """
+    qmax = signed_levels(bits)
+    lo, hi = _finite_range(w, "w", axis if per_channel else None)
+    wmax = torch.maximum(-lo, hi)
+    return torch.where(wmax > 0, wmax / qmax, torch.ones_like(wmax))
+
+
+def symmetric_grid(delta: float | torch.Tensor, bits: int) -> torch.Tensor:
+    """All 2^b - 1 values of the symmetric grid with step ``delta`` (a 1-D tensor)."""
+    qmax = signed_levels(bits)
+    return torch.arange(-qmax, qmax + 1, dtype=torch.float32) * torch.as_tensor(delta).float()
+
+
+# ----------------------------------------------------------------------------- rounding
+def round_stochastic(y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastic rounding ``floor(y + u)``, ``u ~ U[0, 1)``: unbiased, E[SR(y)] = y."""
+    u = torch.rand(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+    return torch.floor(y + u)
+
+
+def _round(y: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.round(y) if rounding == "nearest" else round_stochastic(y, generator)
+
+
+# ----------------------------------------------------------------------------- quantizers
+def quantize_symmetric(w: torch.Tensor, bits: int, per_channel: bool = False, axis: int = 0,
+                       rounding: Rounding = "nearest", generator: torch.Generator | None = None,
+                       delta: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric b-bit quantizer Q(w) (METHODS.md "Common ground"), dequantized.
+
+    ``delta`` overrides the step (it must broadcast against ``w``); by default it is
+    :func:`symmetric_scale`. The steps after the division work in place on one
+    buffer, so the quantizer costs little more than a copy of ``w``.
+    """
+    _check_rounding(rounding)
+    qmax = signed_levels(bits)
+    if delta is None:
+        delta = symmetric_scale(w, bits, per_channel, axis)
+    else:
+        check_tensor(w, "w")
+        delta = torch.as_tensor(delta, dtype=w.dtype, device=w.device)
+    y = torch.div(w.detach(), delta)
+    if rounding == "nearest":
+        y.round_()
+    else:
+        y.add_(torch.rand(y.shape, generator=generator, device=y.device, dtype=y.dtype))
+        y.floor_()
+    return y.clamp_(-qmax, qmax).mul_(delta)
+
+
+def quantize_unsigned(x: torch.Tensor, bits: int, x_max: float | torch.Tensor,
+                      rounding: Rounding = "nearest",
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Unsigned activation quantizer after ReLU: Δa = x_max / (2^b - 1), range [0, x_max]."""
+    check_tensor(x, "x")
+    _check_rounding(rounding)
+    levels = 2 ** check_bits(bits, 1, 32) - 1
+    x_max = torch.as_tensor(x_max, dtype=x.dtype, device=x.device)
+    if not torch.isfinite(x_max).all() or (x_max <= 0).any():
+        raise ValueError(f"x_max must be finite and positive, got {x_max.tolist()}")
+    delta = x_max / levels
+    return torch.clamp(_round(x / delta, rounding, generator), 0, levels) * delta
+
+
+def quantize_asymmetric(x: torch.Tensor, bits: int, dim: int | None = None,
+                        rounding: Rounding = "nearest",
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Asymmetric range quantizer: map [lo, hi] to the codes 0..B, B = 2^b - 1.
+
+    ``dim=None`` takes one range for the whole tensor; ``dim=d`` one range per
+    index along dimension ``d`` (per sample for ``d=0``). The range is widened to
+    include 0 and the zero point is an integer, so zero is exactly representable.
+    """
+    _check_rounding(rounding)
+    big_b = 2 ** check_bits(bits, 1, 32) - 1
+    lo, hi = _finite_range(x, "x", dim)
+    lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
+    delta = (hi - lo) / big_b
+    delta = torch.where(delta > 0, delta, torch.ones_like(delta))
+    zero_point = torch.round(-lo / delta)
+    codes = torch.clamp(_round(x / delta + zero_point, rounding, generator), 0, big_b)
+    return (codes - zero_point) * delta
+
+
+# ----------------------------------------------------------------------------- STE / QAT
+class FakeQuantSTE(torch.autograd.Function):
+    """Symmetric fake quantization with a straight-through backward: dQ/dw := 1."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+        return quantize_symmetric(w, bits, per_channel)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out, None, None
+
+
+def fake_quantize_ste(w: torch.Tensor, bits: int, per_channel: bool = False) -> torch.Tensor:
+    """Q(w) in the forward pass, identity in the backward pass (STE)."""
+    return FakeQuantSTE.apply(w, bits, per_channel)
+
+
+class _UnsignedSTE(torch.autograd.Function):
+    """Unsigned quantizer with STE; the gradient is zero where the input was clipped."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bits: int, x_max: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward((x >= 0) & (x <= x_max))
+        return quantize_unsigned(x, bits, x_max)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (inside,) = ctx.saved_tensors
+        return grad_out * inside, None, None
+
+
+class ActQuant(nn.Module):
+    """Unsigned b-bit activation quantizer placed after a ReLU.
+
+    ``x_max`` is a buffer: set from the preceding BatchNorm (data-free), tracked as a
+    running maximum of the batches seen in training mode (``momentum``), or, while
+    ``calibrating`` is true, the largest value seen (inputs then pass unquantized, so
+    later layers calibrate on full-precision activations).
+    """
+
+    def __init__(self, bits: int, x_max: float | None = None, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.bits = check_bits(bits, 1, 32)
+        self.momentum = momentum
+        self.calibrating = False
+        self.register_buffer("x_max", torch.tensor(float("nan") if x_max is None else x_max))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_max = x.detach().amax()
+        if self.calibrating:
+            self.x_max.copy_(torch.fmax(self.x_max, batch_max))
+            return x
+        if self.training:
+            if torch.isnan(self.x_max):
+                self.x_max.copy_(batch_max)
+            else:
+                self.x_max.lerp_(batch_max, self.momentum)
+        if torch.isnan(self.x_max):
+            raise RuntimeError("ActQuant has no range yet: run a batch in training mode, "
+                               "calibrate it, or set x_max (quantize_model does this)")
+        if self.x_max <= 0:
+            return torch.zeros_like(x)
+        return _UnsignedSTE.apply(x, self.bits, self.x_max)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, x_max={self.x_max.item():.4g}"
+
+
+class QuantConv2d(nn.Conv2d):
+    """Conv2d whose weight is fake-quantized with the STE in every forward pass (QAT)."""
+
+    def __init__(self, *args, weight_bits: int = 4, per_channel: bool = False, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.weight_bits = check_bits(weight_bits, name="weight_bits")
+        self.per_channel = per_channel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = fake_quantize_ste(self.weight, self.weight_bits, self.per_channel)
+        return self._conv_forward(x, w, self.bias)
+
+
+class QuantLinear(nn.Linear):
+    """Linear layer whose weight is fake-quantized with the STE in every forward pass (QAT)."""
+
+    def __init__(self, *args, weight_bits: int = 4, per_channel: bool = False, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.weight_bits = check_bits(weight_bits, name="weight_bits")
+        self.per_channel = per_channel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = fake_quantize_ste(self.weight, self.weight_bits, self.per_channel)
+        return nn.functional.linear(x, w, self.bias)
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The conv and linear layers of ``model`` in forward order: the layers we quantize."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _layer_bits(name: str, index: int, count: int, bits: int,
+                first_last_bits: int | None) -> int:
+    if first_last_bits is not None and index in (0, count - 1):
+        return first_last_bits
+    return bits
+
+
+def _replace_relus(model: nn.Module, act_bits: int, from_bn: bool, n_sigma: float) -> None:
+    """Put an ActQuant after each ReLU; with ``from_bn`` set x_max = max_c(β_c + n·|γ_c|)
+    of the BatchNorm that precedes it in registration order."""
+    last_bn = None
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            last_bn = m
+        elif isinstance(m, nn.ReLU):
+            x_max = None
+            if from_bn:
+                if last_bn is None:
+                    raise ValueError(f"ReLU {name!r} has no BatchNorm before it; use "
+                                     "act_range='calibrate' with calibration data")
+                x_max = (last_bn.bias + n_sigma * last_bn.weight.abs()).max().clamp(min=0).item()
+            _set_module(model, name, nn.Sequential(nn.ReLU(), ActQuant(act_bits, x_max)))
+
+
+# ----------------------------------------------------------------------------- model level
+def prepare_qat(model: nn.Module, weight_bits: int, act_bits: int | None = None,
+                per_channel: bool = False, first_last_bits: int | None = None) -> nn.Module:
+    """A copy of ``model`` for STE quantization-aware training.
+
+    Conv/linear layers become :class:`QuantConv2d`/:class:`QuantLinear` (weights at
+    ``weight_bits``; ``first_last_bits`` for the first and last layer if given) and,
+    with ``act_bits``, every ReLU is followed by an :class:`ActQuant` with a running max.
+    """
+    check_bits(weight_bits, name="weight_bits")
+    model = copy.deepcopy(model)
+    layers = quantizable_layers(model)
+    for i, (name, m) in enumerate(layers):
+        b = _layer_bits(name, i, len(layers), weight_bits, first_last_bits)
+        if isinstance(m, nn.Conv2d):
+            q = QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                            m.dilation, m.groups, m.bias is not None, m.padding_mode,
+                            weight_bits=b, per_channel=per_channel)
+        else:
+            q = QuantLinear(m.in_features, m.out_features, m.bias is not None,
+                            weight_bits=b, per_channel=per_channel)
+        q.load_state_dict(m.state_dict())
+        q.to(m.weight.device)
+        _set_module(model, name, q)
+    if act_bits is not None:
+        _replace_relus(model, check_bits(act_bits, 1, 32, "act_bits"), from_bn=False, n_sigma=6)
+    return model
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
+                   act_bits: int | None = None, act_range: str = "bn", n_sigma: float = 6.0,
+                   calib_data: Iterable | None = None,
+                   first_last_bits: int | None = None) -> nn.Module:
+    """Data-free layer-wise post-training quantization of a copy of ``model``.
+
+    Every conv/linear weight is replaced by Q(w) at ``bits`` (per tensor, or per
+    output channel); biases and BatchNorm stay in full precision. With
+    ``act_bits``, activations after each ReLU are quantized too, their range taken
+    from the preceding BatchNorm (``act_range='bn'``, no data needed) or from a
+    few ``calib_data`` batches (``act_range='calibrate'``). The original model is
+    never modified.
+    """
+    bits = check_bits(bits)
+    if act_range not in ("bn", "calibrate"):
+        raise ValueError(f"act_range must be 'bn' or 'calibrate', got {act_range!r}")
+    q = copy.deepcopy(model).eval()
+    layers = quantizable_layers(q)
+    for i, (name, m) in enumerate(layers):
+        b = _layer_bits(name, i, len(layers), bits, first_last_bits)
+        m.weight.copy_(quantize_symmetric(m.weight, b, per_channel))
+        m.weight_bits = b
+    if act_bits is not None:
+        _replace_relus(q, check_bits(act_bits, 1, 32, "act_bits"),
+                       from_bn=act_range == "bn", n_sigma=n_sigma)
+        if act_range == "calibrate":
+            if calib_data is None:
+                raise ValueError("act_range='calibrate' needs calib_data (batches of inputs)")
+            acts = [m for m in q.modules() if isinstance(m, ActQuant)]
+            for a in acts:
+                a.calibrating = True
+            device = next(q.parameters()).device
+            for batch in calib_data:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                q(x.to(device))
+            for a in acts:
+                a.calibrating = False
+    return q
+
+
+def model_size_bits(model: nn.Module, default_bits: int = 32, count_zeros: bool = True) -> int:
+    """Storage of the model's parameters in bits.
+
+    A conv/linear weight counts ``module.weight_bits`` bits per element (set by
+    :func:`quantize_model` or a quantized layer), every other parameter
+    ``default_bits``. With ``count_zeros=False`` zero weights are free (an ideal
+    sparse format, for pruning).
+    """
+    total = 0
+    seen: set[int] = set()
+    for _, m in quantizable_layers(model):
+        w = m.weight
+        seen.add(id(w))
+        n = w.numel() if count_zeros else int((w != 0).sum())
+        total += n * int(getattr(m, "weight_bits", default_bits))
+    for p in model.parameters():
+        if id(p) not in seen:
+            total += p.numel() * default_bits
+    return total
+
+
+def quantization_mse(w: torch.Tensor, bits: int, per_channel: bool = False) -> float:
+    """Mean squared error between ``w`` and Q(w)."""
+    return float(((w - quantize_symmetric(w, bits, per_channel)) ** 2).mean())
+

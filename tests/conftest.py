@@ -1,0 +1,8 @@
+import pytest
+
+
+@pytest.fixture
+def data_home(tmp_path, monkeypatch):
+    """A private data/model cache, so tests never touch the book's cache."""
+    monkeypatch.setenv("LOWBIT_DATA", str(tmp_path / "data"))
+    return tmp_path / "data"

@@ -1,0 +1,83 @@
+"""Offline data sets, the checksummed cache and the CIFAR-10 reader."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit import data
+
+
+@pytest.mark.parametrize("name,shape,n_test", [("mnist", (1, 28, 28), 1000),
+                                                ("digits", (1, 8, 8), 360)])
+def test_packaged_sets(data_home, name, shape, n_test):
+    s = data.load_arrays(name, seed=0)
+    assert s.input_shape == shape and len(s.x_test) == n_test
+    assert set(np.unique(s.y_train)) == set(range(10))
+    assert abs(s.x_train.mean()) < 1e-4 and abs(s.x_train.std() - 1) < 1e-3
+    again = data.load_arrays(name, seed=0)  # from the cache: identical
+    np.testing.assert_array_equal(again.x_train, s.x_train)
+    other = data.load_arrays(name, seed=1)  # another seed shuffles differently
+    assert not np.array_equal(other.y_train, s.y_train)
+
+
+def test_mnist1d_generated_locally(data_home, monkeypatch):
+    import mnist1d.data
+    monkeypatch.setattr(mnist1d.data, "get_dataset",  # the download path is never used
+                        lambda *a, **k: pytest.fail("mnist1d download path called"))
+    s = data.load_arrays("mnist1d")
+    assert s.input_shape == (1, 40) and len(s.y_train) == 4000
+
+
+def test_corrupt_cache_is_rebuilt(data_home):
+    s = data.load_arrays("digits")
+    path = data_home / "digits-seed0.npz"
+    path.write_bytes(path.read_bytes()[:100])  # truncate
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        again = data.load_arrays("digits")
+    np.testing.assert_array_equal(again.x_train, s.x_train)
+    assert data.verified(path)
+
+
+def test_unknown_dataset(data_home):
+    with pytest.raises(ValueError, match="unknown data set 'imagenet'.*digits"):
+        data.load_arrays("imagenet")
+
+
+def test_loaders_deterministic_and_complete(data_home):
+    train, test = data.get_loaders("digits", batch_size=100, seed=3)
+    first = [y.clone() for _, y in train]
+    train2, _ = data.get_loaders("digits", batch_size=100, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, (y for _, y in train2)))
+    assert sum(len(y) for y in first) == len(train.y) and len(first) == len(train)
+    assert not torch.equal(torch.cat(first), torch.cat([y for _, y in train]))  # reshuffled
+    with pytest.raises(ValueError, match="n_train must be from 1 to"):
+        data.get_loaders("digits", n_train=0)
+
+
+def _write_fake_cifar(root, n=20, corrupt=None):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in data.CIFAR_TRAIN + data.CIFAR_TEST:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, n))}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+    if corrupt:
+        (root / corrupt).write_bytes(b"not a pickle")
+
+
+def test_cifar10_reads_local_batches(tmp_path):
+    _write_fake_cifar(tmp_path / "cifar-10-batches-py")
+    train, test = data.load_cifar10(tmp_path, batch_size=16)
+    x, y = next(iter(train))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+    assert len(train.y) == 100 and len(test.y) == 20
+
+
+def test_cifar10_missing_and_corrupt(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_batch_1.*never downloads"):
+        data.load_cifar10(tmp_path)
+    _write_fake_cifar(tmp_path / "c", corrupt="data_batch_3")
+    with pytest.raises(ValueError, match="data_batch_3 is not a readable CIFAR-10 batch"):
+        data.load_cifar10(tmp_path / "c")

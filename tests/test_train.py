@@ -1,0 +1,66 @@
+"""Training loop, seeding and the model cache."""
+import pytest
+import torch
+
+from lowbit import data, models, train
+
+
+def _run(seed=0, epochs=1):
+    train.seed_everything(seed)
+    tr, te = data.get_loaders("digits", batch_size=64, seed=seed)
+    net = models.build_model("cnn", (1, 8, 8))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    return net, train.fit(net, tr, epochs, opt, te, progress=False)
+
+
+def test_fit_learns_and_is_deterministic(data_home):
+    net, h = _run(epochs=3)
+    assert len(h.test_acc) == 3 and h.test_acc[-1] > 80
+    _, h2 = _run(epochs=3)
+    assert h2.test_acc == h.test_acc and h2.train_loss == h.train_loss
+
+
+def test_divergence_is_reported(data_home):
+    tr, _ = data.get_loaders("digits", batch_size=64)
+    net = models.build_model("mlp", (1, 8, 8))
+    opt = torch.optim.SGD(net.parameters(), lr=1e12)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        train.fit(net, tr, 2, opt, progress=False)
+
+
+def test_load_or_train_caches_and_verifies(data_home):
+    calls = []
+
+    def build():
+        torch.manual_seed(0)
+        return models.build_model("mlp", (1, 8, 8))
+
+    def fit_it(net):
+        calls.append(1)
+        tr, te = data.get_loaders("digits", batch_size=64)
+        return train.fit(net, tr, 1, torch.optim.SGD(net.parameters(), lr=0.05), te,
+                         progress=False)
+
+    cfg = {"name": "t", "lr": 0.05}
+    a, ha = train.load_or_train(cfg, build, fit_it)
+    b, hb = train.load_or_train(cfg, build, fit_it)
+    assert len(calls) == 1 and ha.test_acc == hb.test_acc
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                  b.state_dict().values()))
+    path = next((data_home / "models").glob("t-*.pt"))
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    with pytest.warns(UserWarning, match="fails its checksum"):
+        train.load_or_train(cfg, build, fit_it)
+    assert len(calls) == 2
+    train.load_or_train({"name": "t", "lr": 0.1}, build, fit_it)  # new config, new entry
+    assert len(calls) == 3
+
+
+def test_models_shapes():
+    x = torch.randn(2, 3, 32, 32)
+    net = models.resnet20()
+    assert net(x).shape == (2, 10)
+    assert 0.26e6 < sum(p.numel() for p in net.parameters()) < 0.28e6
+    assert models.build_model("cnn", (1, 28, 28))(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model("vgg", (1, 28, 28))
