@@ -13,18 +13,32 @@ import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 import torch
+from plotly.io._base_renderers import NotebookRenderer
 
-__all__ = ["use_notebook_renderer", "stepped_figure", "line_figure", "grid_lines",
+__all__ = ["BookRenderer", "use_notebook_renderer", "stepped_figure", "line_figure", "grid_lines",
            "histogram_with_grid", "quantizer_staircase", "history_figure", "COLORS"]
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
           "#e377c2", "#7f7f7f", "#bcbd22"]
 
 
+class BookRenderer(NotebookRenderer):
+    """plotly's notebook renderer (plotly.js embedded once per notebook, no CDN) minus the
+    MathJax 2 script it would load from a CDN in every figure: the book has MathJax 3."""
+
+    def to_mimebundle(self, fig_dict: dict) -> dict:
+        from plotly.io import to_html
+        return {"text/html": to_html(
+            fig_dict, config=self.config, auto_play=self.auto_play, include_plotlyjs=False,
+            include_mathjax=False, full_html=False, animation_opts=self.animation_opts,
+            default_width="100%", default_height=525, validate=False)}
+
+
 def use_notebook_renderer() -> None:
-    """Render figures as plotly JSON plus self-contained HTML (no CDN), which both
-    Jupyter and the Jupyter Book build display."""
-    pio.renderers.default = "plotly_mimetype+notebook"
+    """Render figures as plotly JSON (for JupyterLab) plus self-contained HTML (for the
+    classic notebook and the built book), with no CDN."""
+    pio.renderers["lowbit"] = BookRenderer()
+    pio.renderers.default = "plotly_mimetype+lowbit"
     pio.templates.default = "plotly_white"
 
 

@@ -1,0 +1,124 @@
+"""Serve the book's third-party JavaScript from its own files instead of CDNs.
+
+At build time, ``npm pack`` fetches require.js, @jupyter-widgets/html-manager (the
+ipywidgets embedder) and MathJax 3 from the npm registry into ``_build/.jsdeps/vendor``
+(never committed); that folder is copied to the site root (``html_extra_path``) and
+myst-nb and Sphinx load the scripts from there. If npm is missing or fails, the build
+keeps the CDN defaults and says so.
+
+Two fixes for what the pages load:
+
+- html-manager 1.x typesets widget labels with MathJax 2's ``MathJax.Hub.Queue``, which
+  MathJax 3 no longer has (ipywidgets issue 3829): a small shim forwards it to MathJax 3.
+- sphinx-thebe adds its configuration script once per read of the sources, so a page can
+  carry it twice and the browser stops at the second ``const``: identical script entries
+  are dropped per page.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from sphinx.application import Sphinx
+from sphinx.config import Config
+from sphinx.util import logging
+
+logger = logging.getLogger(__name__)
+
+FOLDER = "vendor"
+# package -> (version, {path inside the package: path under vendor/})
+PACKAGES = {
+    "requirejs": ("2.3.7", {"require.js": "require.js"}),
+    "@jupyter-widgets/html-manager": ("1.0.15", {"dist/embed-amd.js": "embed-amd.js",
+                                                 "dist/*.woff*": "", "dist/*.ttf": "",
+                                                 "dist/*.eot": "", "dist/*.svg": ""}),
+    "mathjax": ("3.2.2", {"es5/tex-mml-chtml.js": "mathjax/tex-mml-chtml.js",
+                          "es5/output/chtml/fonts/woff-v2/*":
+                              "mathjax/output/chtml/fonts/woff-v2/"}),
+}
+MATHJAX_HUB_SHIM = """
+window.addEventListener("load", function () {
+  var mj = window.MathJax;
+  if (mj && !mj.Hub) {
+    mj.Hub = {Queue: function (job) {
+      if (mj.typesetPromise && job && job[2]) { mj.typesetPromise([job[2]]).catch(function () {}); }
+    }};
+  }
+});
+"""
+
+
+def _fetch(dest: Path) -> None:
+    """Unpack the files named in PACKAGES into ``dest``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        for name, (version, files) in PACKAGES.items():
+            out = subprocess.run(["npm", "pack", f"{name}@{version}", "--pack-destination",
+                                  tmp, "--silent"], check=True, capture_output=True,
+                                 text=True, timeout=300)
+            tgz = tmp_path / out.stdout.strip().splitlines()[-1]
+            unpacked = tmp_path / tgz.stem
+            with tarfile.open(tgz) as t:
+                t.extractall(unpacked, filter="data")
+            pkg = unpacked / "package"
+            for pattern, target in files.items():
+                matches = sorted(pkg.glob(pattern))
+                if not matches:
+                    raise RuntimeError(f"{name}@{version} has no {pattern}")
+                for src in matches:
+                    to = tmp_path / "out" / (target + src.name if target.endswith("/") or
+                                             not target else target)
+                    to.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(src, to)
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(tmp_path / "out", dest)
+
+
+def configure(app: Sphinx, config: Config) -> None:
+    extra = Path(app.confdir) / "_build" / ".jsdeps"
+    dest = extra / FOLDER
+    if not (dest / "embed-amd.js").exists() or not (dest / "mathjax").exists():
+        if shutil.which("npm") is None:
+            logger.info("vendor JS: npm not found, so widgets and math load their JavaScript "
+                        "from CDNs (install Node.js/npm for a self-contained book)")
+            return
+        try:
+            _fetch(dest)
+        except (subprocess.SubprocessError, OSError, RuntimeError) as e:
+            logger.info(f"vendor JS: fetching with npm failed ({e}); widgets and math load "
+                        "their JavaScript from CDNs instead")
+            return
+    config.html_extra_path = list(config.html_extra_path) + [str(extra)]
+    # Sphinx puts relative script paths under _static/, so step out of it.
+    config.nb_ipywidgets_js = {f"../{FOLDER}/require.js": {},
+                               f"../{FOLDER}/embed-amd.js": {}}
+    config.mathjax_path = f"../{FOLDER}/mathjax/tex-mml-chtml.js"
+    logger.info(f"vendor JS: serving require.js, html-manager and MathJax from {FOLDER}/")
+
+
+def drop_duplicate_scripts(app: Sphinx, pagename: str, templatename: str, context: dict,
+                           doctree) -> None:
+    scripts = context.get("script_files")
+    if not scripts:
+        return
+    seen, unique = set(), []
+    for js in scripts:
+        # inline scripts come with filename None or '' depending on who added them
+        key = (getattr(js, "filename", str(js)) or "",
+               tuple(sorted((k, str(v)) for k, v in getattr(js, "attributes", {}).items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append(js)
+    scripts[:] = unique
+
+
+def setup(app: Sphinx) -> dict:
+    app.connect("config-inited", configure, priority=100)
+    # last, after the themes have added their scripts
+    app.connect("html-page-context", drop_duplicate_scripts, priority=900)
+    app.add_js_file(None, body=MATHJAX_HUB_SHIM, priority=100)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}

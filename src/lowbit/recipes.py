@@ -1,0 +1,80 @@
+"""The book's standard runs: the full-precision baseline and the straight-through
+quantization-aware-training (STE-QAT) baseline every method chapter compares against.
+
+Both go through :func:`lowbit.train.load_or_train`, so a chapter that needs the same
+baseline as another reuses its trained weights instead of training again.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from . import data, models, quant
+from .train import History, fit, load_or_train, seed_everything
+
+__all__ = ["Recipe", "loaders", "build", "train_fp", "train_qat"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Data set, model and SGD settings of a full-precision training run."""
+    data: str = "mnist"
+    model: str = "cnn"
+    epochs: int = 5
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 32
+    seed: int = 0
+
+    def with_(self, **changes) -> "Recipe":
+        return replace(self, **changes)
+
+
+def loaders(r: Recipe):
+    """Train and test loaders of the recipe's data set and seed."""
+    return data.get_loaders(r.data, r.batch_size, r.seed)
+
+
+def build(r: Recipe) -> nn.Module:
+    """The recipe's untrained model, initialised from its seed."""
+    seed_everything(r.seed)
+    return models.build_model(r.model, data.load_arrays(r.data, r.seed).input_shape)
+
+
+def train_fp(r: Recipe = Recipe(), progress: bool = True) -> tuple[nn.Module, History]:
+    """Train (or load from the cache) the full-precision model of a recipe."""
+    def run(model: nn.Module) -> History:
+        train_loader, test_loader = loaders(r)
+        opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum,
+                              weight_decay=r.weight_decay)
+        return fit(model, train_loader, r.epochs, opt, test_loader, progress=progress,
+                   desc=f"{r.model} fp seed {r.seed}")
+
+    return load_or_train({"name": "fp", **asdict(r)}, lambda: build(r), run)
+
+
+def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
+              act_bits: int | None = None, per_channel: bool = False,
+              first_last_bits: int | None = None, progress: bool = True
+              ) -> tuple[nn.Module, History]:
+    """STE-QAT baseline: start from the recipe's trained full-precision model, fake-quantize
+    the weights (and, with ``act_bits``, the activations) with the straight-through
+    estimator, and fine-tune for ``epochs`` with SGD and a cosine learning rate."""
+    quant.check_bits(bits)
+    qat_args = dict(weight_bits=bits, act_bits=act_bits, per_channel=per_channel,
+                    first_last_bits=first_last_bits)
+
+    def run(model: nn.Module) -> History:
+        fp, _ = train_fp(r, progress=progress)
+        model.load_state_dict(quant.prepare_qat(fp, **qat_args).state_dict())
+        train_loader, test_loader = loaders(r)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=r.momentum)
+        seed_everything(r.seed)
+        return fit(model, train_loader, epochs, opt, test_loader, progress=progress,
+                   desc=f"QAT W{bits}" + (f"A{act_bits}" if act_bits else ""))
+
+    config = {"name": "qat", **asdict(r), "qat_epochs": epochs, "qat_lr": lr, **qat_args}
+    return load_or_train(config, lambda: quant.prepare_qat(build(r), **qat_args), run)
