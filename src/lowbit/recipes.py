@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from . import data, models, quant
+from . import data, models, psgd as psgd_, quant
 from .train import History, fit, load_or_train, seed_everything
 
-__all__ = ["Recipe", "loaders", "build", "train_fp", "train_qat"]
+__all__ = ["Recipe", "PSGDConfig", "loaders", "build", "train_fp", "train_qat", "finetune"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,45 @@ def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
 
     config = {"name": "qat", **asdict(r), "qat_epochs": epochs, "qat_lr": lr, **qat_args}
     return load_or_train(config, lambda: quant.prepare_qat(build(r), **qat_args), run)
+
+
+@dataclass(frozen=True)
+class PSGDConfig:
+    """The PSGD settings of :func:`finetune` (see :class:`lowbit.psgd.PSGD`)."""
+    bits: int | None = 4
+    lambda_s: float = 150.0
+    eps: float = 0.0
+    normalized: bool = False
+    first_last_bits: int | None = None
+    scale_first_last: bool = True
+
+
+def finetune(r: Recipe, epochs: int, lr: float = 0.01, weight_decay: float | None = None,
+             psgd: PSGDConfig | None = None, progress: bool = True
+             ) -> tuple[nn.Module, History]:
+    """The official PSGD recipe: train with SGD first (the recipe's full-precision run),
+    then continue for ``epochs`` with PSGD (``psgd`` given) or, as the control with the
+    same total training, with plain SGD (``psgd=None``). Momentum as in the recipe,
+    cosine learning rate from ``lr``, weight decay from the recipe unless given."""
+    wd = r.weight_decay if weight_decay is None else weight_decay
+
+    def run(model: nn.Module) -> History:
+        fp, _ = train_fp(r, progress=progress)
+        model.load_state_dict(fp.state_dict())
+        if psgd is None:
+            opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=r.momentum,
+                                  weight_decay=wd)
+        else:
+            groups = psgd_.param_groups(model, psgd.bits, psgd.first_last_bits,
+                                        psgd.scale_first_last)
+            opt = psgd_.PSGD(groups, lr=lr, momentum=r.momentum, weight_decay=wd,
+                             bits=psgd.bits, lambda_s=psgd.lambda_s, eps=psgd.eps,
+                             normalized=psgd.normalized)
+        train_loader, test_loader = loaders(r)
+        seed_everything(r.seed)
+        return fit(model, train_loader, epochs, opt, test_loader, progress=progress,
+                   desc="PSGD" if psgd else "SGD")
+
+    config = {"name": "psgd" if psgd else "sgd", **asdict(r), "ft_epochs": epochs, "ft_lr": lr,
+              "ft_wd": wd, "psgd": asdict(psgd) if psgd else None}
+    return load_or_train(config, lambda: build(r), run)

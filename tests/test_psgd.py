@@ -1,0 +1,145 @@
+"""PSGD: the step equals the formula, grid points are fixed points, bad input is refused."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit import psgd
+from lowbit.models import SmallCNN
+
+
+def _param(values, grad):
+    p = nn.Parameter(torch.tensor(values))
+    p.grad = torch.tensor(grad)
+    return p
+
+
+def test_plain_step_matches_hand_computation():
+    # 3 bits: max|w| = 1.2, Δ = 0.4, Q(w) = (-0.8, -0.4, 0, 0.4, 1.2)
+    w = [-0.9, -0.3, 0.05, 0.4, 1.2]
+    g = [1.0, -2.0, 0.5, 3.0, 1.0]
+    p = _param(w, g)
+    psgd.PSGD([p], lr=0.1, bits=3, lambda_s=10.0, eps=0.01).step()
+    dist = [0.1, 0.1, 0.05, 0.0, 0.0]
+    expected = [wi - 0.1 * (10.0 * di + 0.01) * gi for wi, di, gi in zip(w, dist, g)]
+    torch.testing.assert_close(p.detach(), torch.tensor(expected))
+
+
+def test_normalized_scale_in_unit_interval_and_step():
+    w = [-0.9, -0.3, 0.05, 0.4, 1.2]
+    g = [1.0, 1.0, 1.0, 1.0, 1.0]
+    p = _param(w, g)
+    psgd.PSGD([p], lr=0.1, bits=3, eps=0.01, normalized=True).step()
+    dist = torch.tensor([0.1, 0.1, 0.05, 0.0, 0.0])
+    s = (dist + 0.01) / (dist.max() + 0.01)
+    assert (s > 0).all() and (s <= 1).all()
+    torch.testing.assert_close(p.detach(), torch.tensor(w) - 0.1 * s)
+
+
+def test_momentum_and_weight_decay_follow_sgd_after_scaling():
+    w0, g = [0.3, -0.45], [1.0, -1.0]
+    p = _param(w0, g)
+    opt = psgd.PSGD([p], lr=0.1, momentum=0.9, weight_decay=0.01, bits=2, lambda_s=2.0)
+    # 2 bits: Δ = 0.45, Q = (0.45, -0.45): distances (0.15, 0)
+    s = torch.tensor([2.0 * 0.15, 0.0])
+    d1 = s * torch.tensor(g) + 0.01 * torch.tensor(w0)
+    opt.step()
+    w1 = torch.tensor(w0) - 0.1 * d1
+    torch.testing.assert_close(p.detach(), w1)
+    p.grad = torch.tensor(g)
+    opt.step()  # grid recomputed from w1; buffer = 0.9 * d1 + d2
+    delta = w1.abs().max() / 1
+    q = torch.round(w1 / delta) * delta
+    d2 = 2.0 * (w1 - q).abs() * torch.tensor(g) + 0.01 * w1
+    torch.testing.assert_close(p.detach(), w1 - 0.1 * (0.9 * d1 + d2))
+
+
+def test_weights_on_the_grid_do_not_move():
+    w = torch.tensor([-0.8, -0.4, 0.0, 0.4, 1.2])
+    p = _param(w.tolist(), [5.0, -3.0, 2.0, 1.0, -7.0])
+    opt = psgd.PSGD([p], lr=0.5, momentum=0.9, bits=3, lambda_s=150.0)
+    for _ in range(3):
+        opt.step()
+    torch.testing.assert_close(p.detach(), w)
+
+
+def test_pruning_target_is_zero():
+    p = _param([0.5, -0.25, 0.0], [1.0, 1.0, 1.0])
+    psgd.PSGD([p], lr=0.1, bits=None, lambda_s=1.0).step()
+    # s(w) = |w|: zero stays, others move in proportion to their magnitude
+    torch.testing.assert_close(p.detach(), torch.tensor([0.5 - 0.05, -0.25 - 0.025, 0.0]))
+
+
+def test_unscaled_group_is_plain_sgd():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 4)
+    for m in (a, b):
+        m(x).sum().backward()
+    psgd.PSGD(a.parameters(), lr=0.1, momentum=0.9, scaled=False).step()
+    torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9).step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+@pytest.mark.parametrize("lam,eps", [(10.0, 0.01), (150.0, 1e-4), (1.0, 0.5)])
+def test_warping_identity(lam, eps):
+    # PSGD on w is gradient descent on v = f(w) when s(w) = 1 / f'(w)^2
+    # off the grid points (at w = w* autograd sees sign(0) = 0; the limit there is 1/√ε)
+    w = torch.linspace(-0.995, 0.995, 400, dtype=torch.float64, requires_grad=True)
+    target = torch.round(w.detach() * 3) / 3
+    assert (w.detach() != target).all()
+    f = psgd.warp(w, target, lam, eps)
+    (fprime,) = torch.autograd.grad(f.sum(), w)
+    s = psgd.position_scale(w.detach(), target, lam, eps)
+    torch.testing.assert_close(fprime ** 2 * s, torch.ones_like(s))
+    assert torch.equal(psgd.warp(target, target, lam, eps), target)  # targets are fixed
+
+
+def test_param_groups_split():
+    net = SmallCNN()
+    groups = psgd.param_groups(net, bits=2, first_last_bits=8)
+    assert [g.get("bits") for g in groups] == [2, 8, None]
+    assert groups[0]["params"][0] is net.features[4].weight
+    assert groups[1]["params"] == [net.features[0].weight, net.classifier.weight]
+    assert groups[2]["scaled"] is False and len(groups[2]["params"]) == 5
+    no_ends = psgd.param_groups(net, bits=2, scale_first_last=False)
+    assert no_ends[1]["scaled"] is False
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(bits=1), "bits must be from 2 to 16, got 1"),
+    (dict(bits=17), "bits must be from 2 to 16, got 17"),
+    (dict(bits=2.5), "bits must be a whole number"),
+    (dict(lambda_s=-1.0), "lambda_s must be a finite number ≥ 0, got -1.0"),
+    (dict(eps=-0.1), "eps must be a finite number ≥ 0"),
+    (dict(eps=float("nan")), "eps must be a finite number ≥ 0"),
+    (dict(lr=-0.1), "lr must be"),
+    (dict(normalized=True, eps=0.0), "normalized scale needs eps > 0"),
+    (dict(nesterov=True), "nesterov momentum needs momentum > 0"),
+])
+def test_bad_hyperparameters(kw, match):
+    with pytest.raises(ValueError, match=match):
+        psgd.PSGD([nn.Parameter(torch.ones(3))], **kw)
+
+
+def test_non_finite_gradient_leaves_everything_untouched():
+    a = _param([0.3, 0.6], [1.0, 1.0])
+    b = _param([0.1, 0.2], [1.0, float("nan")])
+    opt = psgd.PSGD([a, b], lr=0.1, momentum=0.9, bits=4)
+    with pytest.raises(ValueError, match=r"non-finite gradient in 1 parameter.*\(2,\).*no parameter"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.tensor([0.3, 0.6]))
+    assert torch.equal(b.detach(), torch.tensor([0.1, 0.2]))
+    assert len(opt.state) == 0
+
+
+def test_sparsity_and_mse_helpers():
+    net = nn.Sequential(nn.Linear(4, 4, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[0.0, 1.0, 0.0, -1.0]] * 4))
+    assert psgd.sparsity(net) == 0.5
+    assert psgd.weight_quantization_mse(net, 2) == 0.0
+    assert math.isclose(psgd.sparsity(net, threshold=1.0), 1.0)
