@@ -64,6 +64,15 @@ def test_weights_on_the_grid_do_not_move():
     torch.testing.assert_close(p.detach(), w)
 
 
+def test_fixed_grid_step():
+    p = _param([0.3, 0.6], [1.0, 1.0])
+    psgd.PSGD([p], lr=0.1, bits=4, lambda_s=1.0, delta=0.5).step()
+    # grid {…, 0, 0.5, 1, …}: distances 0.2 and 0.1
+    torch.testing.assert_close(p.detach(), torch.tensor([0.3 - 0.02, 0.6 - 0.01]))
+    with pytest.raises(ValueError, match="delta must be > 0"):
+        psgd.PSGD([p], delta=0.0)
+
+
 def test_pruning_target_is_zero():
     p = _param([0.5, -0.25, 0.0], [1.0, 1.0, 1.0])
     psgd.PSGD([p], lr=0.1, bits=None, lambda_s=1.0).step()

@@ -16,7 +16,8 @@ import torch
 from plotly.io._base_renderers import NotebookRenderer
 
 __all__ = ["BookRenderer", "use_notebook_renderer", "stepped_figure", "line_figure", "grid_lines",
-           "histogram_with_grid", "quantizer_staircase", "history_figure", "COLORS"]
+           "histogram_with_grid", "quantizer_staircase", "history_figure", "contour_with_paths",
+           "COLORS"]
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
           "#e377c2", "#7f7f7f", "#bcbd22"]
@@ -136,3 +137,28 @@ def history_figure(histories: Mapping[str, object], metric: str = "test_acc",
     n = max(len(v) for v in series.values())
     return line_figure(range(1, n + 1), series, title=title, xaxis="epoch",
                        yaxis=yaxis or metric.replace("_", " "))
+
+
+def contour_with_paths(x, y, z, paths: Mapping[str, Sequence] | None = None,
+                       points=None, title: str = "", xaxis: str = "w₁", yaxis: str = "w₂",
+                       height: int = 460, colorscale: str = "Blues_r") -> go.Figure:
+    """A contour plot of ``z`` over the (possibly non-uniform) axes ``x``, ``y``, with
+    named paths (each an (n, 2) array of points) and optional marker ``points``."""
+    fig = go.Figure(go.Contour(x=_np(x), y=_np(y), z=_np(z), colorscale=colorscale,
+                               showscale=False, contours=dict(coloring="heatmap"),
+                               ncontours=25, line=dict(width=0.5), hoverinfo="skip"))
+    for i, (name, path) in enumerate((paths or {}).items()):
+        path = _np(path)
+        fig.add_trace(go.Scatter(x=path[:, 0], y=path[:, 1], mode="lines", name=name,
+                                 line=dict(color=COLORS[(i + 1) % len(COLORS)], width=2)))
+        fig.add_trace(go.Scatter(x=path[-1:, 0], y=path[-1:, 1], mode="markers",
+                                 showlegend=False, marker=dict(
+                                     color=COLORS[(i + 1) % len(COLORS)], size=9,
+                                     line=dict(color="white", width=1))))
+    if points is not None:
+        pts = _np(points)
+        fig.add_trace(go.Scatter(x=pts[:, 0], y=pts[:, 1], mode="markers", name="grid points",
+                                 marker=dict(symbol="x", color="black", size=6)))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=height,
+                      margin=dict(t=50, b=40, l=60, r=20))
+    return fig

@@ -39,12 +39,13 @@ def _check_nonnegative(name: str, value: float) -> float:
     return float(value)
 
 
-def position_target(w: torch.Tensor, bits: int | None) -> torch.Tensor:
-    """The nearest target point of each weight: Q(w) on the layer's b-bit grid, or 0 for
-    pruning (``bits=None``)."""
+def position_target(w: torch.Tensor, bits: int | None,
+                    delta: float | None = None) -> torch.Tensor:
+    """The nearest target point of each weight: Q(w) on the layer's b-bit grid (its step
+    recomputed from max|w|, or fixed to ``delta``), or 0 for pruning (``bits=None``)."""
     if bits is None:
         return torch.zeros_like(w)
-    return quantize_symmetric(w, bits)
+    return quantize_symmetric(w, bits, delta=None if delta is None else torch.tensor(delta))
 
 
 def position_scale(w: torch.Tensor, target: torch.Tensor, lambda_s: float = 150.0,
@@ -72,8 +73,9 @@ class PSGD(torch.optim.Optimizer):
     Args mirror ``torch.optim.SGD`` (``lr``, ``momentum``, ``dampening``,
     ``weight_decay``, ``nesterov``) plus, per parameter group:
     ``bits`` (2–16: the grid of the target; ``None`` targets 0, for pruning),
-    ``lambda_s`` (λ_s ≥ 0), ``eps`` (ε ≥ 0), ``normalized`` (the scale in (0, 1]) and
-    ``scaled`` (False: plain SGD for this group).
+    ``lambda_s`` (λ_s ≥ 0), ``eps`` (ε ≥ 0), ``normalized`` (the scale in (0, 1]),
+    ``delta`` (a fixed grid step instead of max|w| / (2^(b-1) − 1) recomputed each step)
+    and ``scaled`` (False: plain SGD for this group).
 
     A step checks every gradient first: a non-finite gradient raises a ValueError and
     leaves all parameters and momentum buffers untouched.
@@ -82,10 +84,12 @@ class PSGD(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 0.01, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
                  bits: int | None = 4, lambda_s: float = 150.0, eps: float = 0.0,
-                 normalized: bool = False, scaled: bool = True) -> None:
+                 normalized: bool = False, delta: float | None = None,
+                 scaled: bool = True) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, bits=bits,
-                        lambda_s=lambda_s, eps=eps, normalized=normalized, scaled=scaled)
+                        lambda_s=lambda_s, eps=eps, normalized=normalized, delta=delta,
+                        scaled=scaled)
         self._check_group(defaults)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -99,6 +103,8 @@ class PSGD(torch.optim.Optimizer):
             check_bits(g["bits"], 2, 16)
         if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
             raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
+        if g["delta"] is not None and not (_check_nonnegative("delta", g["delta"]) > 0):
+            raise ValueError(f"delta must be > 0, got {g['delta']}")
         if g["normalized"] and g["eps"] == 0:
             raise ValueError("the normalized scale needs eps > 0 (it divides by ‖w − Q(w)‖∞ + ε)")
 
@@ -123,7 +129,7 @@ class PSGD(torch.optim.Optimizer):
         for group, p in grads:
             g = p.grad
             if group["scaled"]:
-                target = position_target(p, group["bits"])
+                target = position_target(p, group["bits"], group["delta"])
                 g = g * position_scale(p, target, group["lambda_s"], group["eps"],
                                        group["normalized"])
             if group["weight_decay"]:
