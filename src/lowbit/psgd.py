@@ -20,6 +20,7 @@ Choices this implementation makes (each a parameter):
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Iterable
 
@@ -29,7 +30,7 @@ from torch import nn
 from .quant import check_bits, quantizable_layers, quantize_symmetric
 
 __all__ = ["position_target", "position_scale", "warp", "PSGD", "param_groups", "sparsity",
-           "weight_quantization_mse"]
+           "magnitude_prune", "weight_quantization_mse"]
 
 
 def _check_nonnegative(name: str, value: float) -> float:
@@ -164,6 +165,22 @@ def param_groups(model: nn.Module, bits: int | None = 4, first_last_bits: int | 
         groups.append({"params": ends, "scaled": False})
     groups.append({"params": rest, "scaled": False})
     return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def magnitude_prune(model: nn.Module, amount: float) -> nn.Module:
+    """A copy of ``model`` with the smallest-magnitude fraction ``amount`` of each conv and
+    linear layer's weights set to zero (layer-wise, single-shot, no fine-tuning)."""
+    if not 0.0 <= amount < 1.0:
+        raise ValueError(f"amount must be in [0, 1), got {amount}")
+    pruned = copy.deepcopy(model)
+    for _, m in quantizable_layers(pruned):
+        w = m.weight
+        k = int(amount * w.numel())
+        if k:
+            cut = w.abs().flatten().kthvalue(k).values
+            w.masked_fill_(w.abs() <= cut, 0.0)
+    return pruned
 
 
 def sparsity(model: nn.Module, threshold: float = 0.0) -> float:

@@ -14,7 +14,8 @@ from torch import nn
 from . import data, models, psgd as psgd_, quant
 from .train import History, fit, load_or_train, seed_everything
 
-__all__ = ["Recipe", "PSGDConfig", "loaders", "build", "train_fp", "train_qat", "finetune"]
+__all__ = ["Recipe", "PSGDConfig", "Start", "loaders", "build", "train_fp", "train_qat", "finetune",
+           "l1_penalty"]
 
 
 @dataclass(frozen=True)
@@ -58,17 +59,24 @@ def train_fp(r: Recipe = Recipe(), progress: bool = True) -> tuple[nn.Module, Hi
 
 def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
               act_bits: int | None = None, per_channel: bool = False,
-              first_last_bits: int | None = None, progress: bool = True
-              ) -> tuple[nn.Module, History]:
-    """STE-QAT baseline: start from the recipe's trained full-precision model, fake-quantize
-    the weights (and, with ``act_bits``, the activations) with the straight-through
-    estimator, and fine-tune for ``epochs`` with SGD and a cosine learning rate."""
+              first_last_bits: int | None = None, start: "Start | None" = None,
+              progress: bool = True) -> tuple[nn.Module, History]:
+    """STE-QAT baseline: start from a trained full-precision model, fake-quantize the weights
+    (and, with ``act_bits``, the activations) with the straight-through estimator, and
+    fine-tune for ``epochs`` with SGD and a cosine learning rate.
+
+    The starting model is the recipe's full-precision run, or, with ``start``, the result of
+    :func:`finetune` with those settings (a PSGD model, or its SGD control)."""
     quant.check_bits(bits)
     qat_args = dict(weight_bits=bits, act_bits=act_bits, per_channel=per_channel,
                     first_last_bits=first_last_bits)
 
     def run(model: nn.Module) -> History:
-        fp, _ = train_fp(r, progress=progress)
+        if start is None:
+            fp, _ = train_fp(r, progress=progress)
+        else:
+            fp, _ = finetune(r, start.epochs, start.lr, start.weight_decay, start.psgd,
+                             progress=progress)
         model.load_state_dict(quant.prepare_qat(fp, **qat_args).state_dict())
         train_loader, test_loader = loaders(r)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=r.momentum)
@@ -77,6 +85,8 @@ def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
                    desc=f"QAT W{bits}" + (f"A{act_bits}" if act_bits else ""))
 
     config = {"name": "qat", **asdict(r), "qat_epochs": epochs, "qat_lr": lr, **qat_args}
+    if start is not None:
+        config["start"] = asdict(start)
     return load_or_train(config, lambda: quant.prepare_qat(build(r), **qat_args), run)
 
 
@@ -91,13 +101,21 @@ class PSGDConfig:
     scale_first_last: bool = True
 
 
+def l1_penalty(strength: float):
+    """``strength · Σ|w|`` over the conv and linear weights (the L1 pruning baseline)."""
+    def penalty(model: nn.Module) -> torch.Tensor:
+        return strength * sum(m.weight.abs().sum() for _, m in quant.quantizable_layers(model))
+    return penalty
+
+
 def finetune(r: Recipe, epochs: int, lr: float = 0.01, weight_decay: float | None = None,
-             psgd: PSGDConfig | None = None, progress: bool = True
+             psgd: PSGDConfig | None = None, l1: float = 0.0, progress: bool = True
              ) -> tuple[nn.Module, History]:
     """The official PSGD recipe: train with SGD first (the recipe's full-precision run),
     then continue for ``epochs`` with PSGD (``psgd`` given) or, as the control with the
     same total training, with plain SGD (``psgd=None``). Momentum as in the recipe,
-    cosine learning rate from ``lr``, weight decay from the recipe unless given."""
+    cosine learning rate from ``lr``, weight decay from the recipe unless given; ``l1``
+    adds an L1 penalty on the conv/linear weights (the sparsity baseline)."""
     wd = r.weight_decay if weight_decay is None else weight_decay
 
     def run(model: nn.Module) -> History:
@@ -115,8 +133,19 @@ def finetune(r: Recipe, epochs: int, lr: float = 0.01, weight_decay: float | Non
         train_loader, test_loader = loaders(r)
         seed_everything(r.seed)
         return fit(model, train_loader, epochs, opt, test_loader, progress=progress,
-                   desc="PSGD" if psgd else "SGD")
+                   penalty=l1_penalty(l1) if l1 else None, desc="PSGD" if psgd else "SGD")
 
     config = {"name": "psgd" if psgd else "sgd", **asdict(r), "ft_epochs": epochs, "ft_lr": lr,
               "ft_wd": wd, "psgd": asdict(psgd) if psgd else None}
+    if l1:
+        config["l1"] = l1
     return load_or_train(config, lambda: build(r), run)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where :func:`train_qat` starts: :func:`finetune` with these settings."""
+    epochs: int = 8
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    psgd: PSGDConfig | None = None

@@ -85,12 +85,15 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
         lr_schedule: str | None = "cosine", history: History | None = None,
         on_step: Callable[[int], None] | None = None,
         on_epoch: Callable[[int, History], None] | None = None,
+        penalty: Callable[[nn.Module], torch.Tensor] | None = None,
         progress: bool = True, desc: str = "train") -> History:
     """Train ``model`` for ``epochs`` with ``optimizer`` and return its :class:`History`.
 
     ``lr_schedule="cosine"`` anneals the learning rate to zero over the run;
     ``None`` keeps it fixed. ``on_step(step)`` runs after every optimizer step and
     ``on_epoch(epoch, history)`` after every epoch (temperature schedules use them).
+    ``penalty(model)`` is added to the loss (an L1 penalty, say); the history records the
+    cross-entropy alone.
     Pass ``history`` to continue a record across phases (SGD, then PSGD).
     """
     if epochs < 0:
@@ -120,7 +123,7 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
                     f"training diverged at epoch {epoch}, step {step}: loss is {loss.item()}; "
                     "lower the learning rate (or the scale λ_s)")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + penalty(model) if penalty is not None else loss).backward()
             optimizer.step()
             if sched is not None:
                 sched.step()
