@@ -82,6 +82,11 @@ def test_page_renders(server, page):
     drawn = {d.get("id") for d in in_dom if d.select_one("svg.main-svg")}
     assert figures <= drawn, f"{page}: plotly figures that did not draw: {figures - drawn}"
     assert len(drawn) == len(in_dom), f"{page}: {len(in_dom) - len(drawn)} figures did not draw"
+    # 3-D figures draw with WebGL into a canvas; their SVG layer exists even when WebGL fails
+    for div in in_dom:
+        scene = div.select_one("div.gl-container")
+        if scene is not None:
+            assert scene.select_one("canvas"), f"{page}: a 3-D figure has no WebGL canvas"
 
     views = source.find_all("script", type="application/vnd.jupyter.widget-view+json")
     rendered = [s for s in dom.find_all("script", type="application/vnd.jupyter.widget-view+json")

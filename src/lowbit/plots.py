@@ -64,16 +64,18 @@ def stepped_figure(steps: Sequence[tuple[str, Sequence[go.BasePlotlyType]]],
             t.visible = i == active
             fig.add_trace(t)
             owner.append(i)
+    def heading(label) -> str:
+        return f"{title} — {' '.join(filter(None, [slider_label, str(label)]))}" if title else ""
+
     slider_steps = [dict(label=str(label), method="update",
-                         args=[{"visible": [o == i for o in owner]},
-                               {"title.text": f"{title} — {slider_label} {label}" if title
-                                else ""}])
+                         args=[{"visible": [o == i for o in owner]}, {"title.text": heading(label)}])
                     for i, (label, _) in enumerate(steps)]
     fig.update_layout(
-        title=f"{title} — {slider_label} {steps[active][0]}" if title else None,
+        title=heading(steps[active][0]) or None,
         height=height, margin=dict(t=60, b=40, l=60, r=20),
         sliders=[dict(active=active, steps=slider_steps, pad=dict(t=50),
-                      currentvalue=dict(prefix=f"{slider_label} "))], **layout)
+                      currentvalue=dict(prefix=f"{slider_label} " if slider_label else ""))],
+        **layout)
     return fig
 
 

@@ -256,30 +256,37 @@ class ActQuant(nn.Module):
         return f"bits={self.bits}, x_max={self.x_max.item():.4g}"
 
 
-class QuantConv2d(nn.Conv2d):
+class _FakeQuantWeight:
+    """Mixin for layers whose weight is fake-quantized with the STE in every forward pass."""
+
+    def _set_quant(self, weight_bits: int, per_channel: bool) -> None:
+        self.weight_bits = check_bits(weight_bits, name="weight_bits")
+        self.per_channel = per_channel
+
+    def quantized_weight(self) -> torch.Tensor:
+        return fake_quantize_ste(self.weight, self.weight_bits, self.per_channel)
+
+
+class QuantConv2d(_FakeQuantWeight, nn.Conv2d):
     """Conv2d whose weight is fake-quantized with the STE in every forward pass (QAT)."""
 
     def __init__(self, *args, weight_bits: int = 4, per_channel: bool = False, **kw) -> None:
         super().__init__(*args, **kw)
-        self.weight_bits = check_bits(weight_bits, name="weight_bits")
-        self.per_channel = per_channel
+        self._set_quant(weight_bits, per_channel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = fake_quantize_ste(self.weight, self.weight_bits, self.per_channel)
-        return self._conv_forward(x, w, self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_FakeQuantWeight, nn.Linear):
     """Linear layer whose weight is fake-quantized with the STE in every forward pass (QAT)."""
 
     def __init__(self, *args, weight_bits: int = 4, per_channel: bool = False, **kw) -> None:
         super().__init__(*args, **kw)
-        self.weight_bits = check_bits(weight_bits, name="weight_bits")
-        self.per_channel = per_channel
+        self._set_quant(weight_bits, per_channel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = fake_quantize_ste(self.weight, self.weight_bits, self.per_channel)
-        return nn.functional.linear(x, w, self.bias)
+        return nn.functional.linear(x, self.quantized_weight(), self.bias)
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
