@@ -64,7 +64,6 @@ def bench_psgd() -> dict[str, float]:
     ResNet-20 (CIFAR-sized batch of 32)."""
     from .models import SmallCNN, resnet20
     from .psgd import PSGD, param_groups
-    torch.set_flush_denormal(True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
     for name, make, shape in [("cnn", SmallCNN, (32, 1, 28, 28)),

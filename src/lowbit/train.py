@@ -101,10 +101,6 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
     if lr_schedule not in (None, "cosine"):
         raise ValueError(f"lr_schedule must be 'cosine' or None, got {lr_schedule!r}")
     device = next(model.parameters()).device
-    # Weights pulled towards a zero grid point (PSGD, pruning) shrink geometrically; their
-    # products with activations become subnormal floats, which make CPU convolutions
-    # ten times slower. Flushing subnormals to zero costs nothing in accuracy.
-    torch.set_flush_denormal(True)
     history = history or History()
     steps = epochs * len(train_loader)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
