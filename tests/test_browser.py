@@ -84,7 +84,7 @@ def test_page_renders(server, page):
     assert len(drawn) == len(in_dom), f"{page}: {len(in_dom) - len(drawn)} figures did not draw"
     # 3-D figures draw with WebGL into a canvas; their SVG layer exists even when WebGL fails
     for div in in_dom:
-        scene = div.select_one("div.gl-container")
+        scene = div.select_one("div.gl-container > div[id^=scene]")
         if scene is not None:
             assert scene.select_one("canvas"), f"{page}: a 3-D figure has no WebGL canvas"
 
