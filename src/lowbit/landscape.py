@@ -26,7 +26,7 @@ from loss_landscapes.metrics import Loss
 from loss_landscapes.model_interface.model_wrapper import wrap_model
 from torch import nn
 
-from .quant import check_bits, quantizable_layers, quantize_symmetric
+from .quant import check_bits, layer_bits, quantizable_layers, quantize_symmetric
 
 __all__ = ["filter_normalized_direction", "Plane", "loss_plane", "loss_line", "sharpness"]
 
@@ -72,8 +72,8 @@ class _Evaluator:
         if self.bits is not None:
             n = len(self.layers)
             for k, m in enumerate(self.layers):
-                b = self.first_last_bits if self.first_last_bits and k in (0, n - 1) else self.bits
-                m.weight.copy_(quantize_symmetric(m.weight, b))
+                m.weight.copy_(quantize_symmetric(m.weight, layer_bits(k, n, self.bits,
+                                                                       self.first_last_bits)))
         return self.metric(self.wrapper)
 
 

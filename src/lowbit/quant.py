@@ -29,7 +29,7 @@ __all__ = [
     "check_bits", "check_tensor", "signed_levels", "symmetric_scale", "symmetric_grid",
     "round_stochastic", "quantize_symmetric", "quantize_unsigned", "quantize_asymmetric",
     "FakeQuantSTE", "fake_quantize_ste", "QuantConv2d", "QuantLinear", "ActQuant",
-    "prepare_qat", "quantize_model", "quantizable_layers", "model_size_bits", "quantization_mse",
+    "prepare_qat", "quantize_model", "quantizable_layers", "layer_bits", "model_size_bits", "quantization_mse",
 ]
 
 
@@ -299,8 +299,9 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _layer_bits(name: str, index: int, count: int, bits: int,
-                first_last_bits: int | None) -> int:
+def layer_bits(index: int, count: int, bits: int, first_last_bits: int | None) -> int:
+    """Bits of layer ``index`` of ``count``: ``first_last_bits`` for the first and last
+    layer when given, ``bits`` otherwise."""
     if first_last_bits is not None and index in (0, count - 1):
         return first_last_bits
     return bits
@@ -336,7 +337,7 @@ def prepare_qat(model: nn.Module, weight_bits: int, act_bits: int | None = None,
     model = copy.deepcopy(model)
     layers = quantizable_layers(model)
     for i, (name, m) in enumerate(layers):
-        b = _layer_bits(name, i, len(layers), weight_bits, first_last_bits)
+        b = layer_bits(i, len(layers), weight_bits, first_last_bits)
         if isinstance(m, nn.Conv2d):
             q = QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
                             m.dilation, m.groups, m.bias is not None, m.padding_mode,
@@ -372,7 +373,7 @@ def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
     q = copy.deepcopy(model).eval()
     layers = quantizable_layers(q)
     for i, (name, m) in enumerate(layers):
-        b = _layer_bits(name, i, len(layers), bits, first_last_bits)
+        b = layer_bits(i, len(layers), bits, first_last_bits)
         m.weight.copy_(quantize_symmetric(m.weight, b, per_channel))
         m.weight_bits = b
     if act_bits is not None:
