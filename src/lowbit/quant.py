@@ -27,7 +27,8 @@ Rounding = Literal["nearest", "stochastic"]
 
 __all__ = [
     "check_bits", "check_tensor", "signed_levels", "symmetric_scale", "symmetric_grid",
-    "round_stochastic", "quantize_symmetric", "quantize_unsigned", "quantize_asymmetric",
+    "round_stochastic", "quantize_symmetric", "binarize", "quantize_even",
+    "quantize_activations", "quantize_unsigned", "quantize_asymmetric",
     "FakeQuantSTE", "fake_quantize_ste", "QuantConv2d", "QuantLinear", "ActQuant",
     "prepare_qat", "quantize_model", "quantizable_layers", "layer_bits", "model_size_bits", "quantization_mse",
 ]
@@ -188,21 +189,56 @@ def quantize_asymmetric(x: torch.Tensor, bits: int, dim: int | None = None,
 
 
 # ----------------------------------------------------------------------------- STE / QAT
+def binarize(w: torch.Tensor, per_channel: bool = False, axis: int = 0) -> torch.Tensor:
+    """1-bit weights: Δ · sign(w) with Δ = mean|w| per tensor or per slice along ``axis``
+    (XNOR-Net's scale; sign(0) := +1). The symmetric grid has no 1-bit form (2^1 − 1 = 1
+    level), so 1-bit QAT baselines use this."""
+    check_tensor(w, "w")
+    a = w.detach().abs()
+    delta = a.mean() if not per_channel else \
+        a.movedim(axis, 0).reshape(w.shape[axis], -1).mean(1).reshape(
+            [-1 if d == axis % w.dim() else 1 for d in range(w.dim())])
+    return torch.where(w.detach() >= 0, delta, -delta)
+
+
+def quantize_even(w: torch.Tensor, bits: int, per_channel: bool = False,
+                  axis: int = 0) -> torch.Tensor:
+    """The 2^b evenly spaced levels of SLB's value set, α·{-1, …, +1} with α = max|w|
+    (no zero level; 1 bit: ±max|w|). Nearest rounding, dequantized."""
+    m = 2 ** check_bits(bits, 1, 16) - 1  # number of gaps between the 2^b levels
+    lo, hi = _finite_range(w, "w", axis if per_channel else None)
+    alpha = torch.maximum(-lo, hi)
+    alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    k = torch.round((w.detach() / alpha + 1) * (m / 2)).clamp_(0, m)
+    return (k * (2 / m) - 1) * alpha
+
+
+GRIDS = ("symmetric", "even")
+
+
 class FakeQuantSTE(torch.autograd.Function):
-    """Symmetric fake quantization with a straight-through backward: dQ/dw := 1."""
+    """Fake quantization with a straight-through backward, dQ/dw := 1. ``grid="symmetric"``:
+    :func:`quantize_symmetric` (1 bit: :func:`binarize`); ``grid="even"``:
+    :func:`quantize_even`, the value set of SLB."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, bits: int, per_channel: bool,
+                grid: str = "symmetric") -> torch.Tensor:
+        if grid == "even":
+            return quantize_even(w, bits, per_channel)
+        if bits == 1:
+            return binarize(w, per_channel)
         return quantize_symmetric(w, bits, per_channel)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return grad_out, None, None
+        return grad_out, None, None, None
 
 
-def fake_quantize_ste(w: torch.Tensor, bits: int, per_channel: bool = False) -> torch.Tensor:
+def fake_quantize_ste(w: torch.Tensor, bits: int, per_channel: bool = False,
+                      grid: str = "symmetric") -> torch.Tensor:
     """Q(w) in the forward pass, identity in the backward pass (STE)."""
-    return FakeQuantSTE.apply(w, bits, per_channel)
+    return FakeQuantSTE.apply(w, bits, per_channel, grid)
 
 
 class _UnsignedSTE(torch.autograd.Function):
@@ -259,20 +295,24 @@ class ActQuant(nn.Module):
 class _FakeQuantWeight:
     """Mixin for layers whose weight is fake-quantized with the STE in every forward pass."""
 
-    def _set_quant(self, weight_bits: int, per_channel: bool) -> None:
-        self.weight_bits = check_bits(weight_bits, name="weight_bits")
+    def _set_quant(self, weight_bits: int, per_channel: bool, grid: str = "symmetric") -> None:
+        self.weight_bits = check_bits(weight_bits, 1, name="weight_bits")
         self.per_channel = per_channel
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+        self.grid = grid
 
     def quantized_weight(self) -> torch.Tensor:
-        return fake_quantize_ste(self.weight, self.weight_bits, self.per_channel)
+        return fake_quantize_ste(self.weight, self.weight_bits, self.per_channel, self.grid)
 
 
 class QuantConv2d(_FakeQuantWeight, nn.Conv2d):
     """Conv2d whose weight is fake-quantized with the STE in every forward pass (QAT)."""
 
-    def __init__(self, *args, weight_bits: int = 4, per_channel: bool = False, **kw) -> None:
+    def __init__(self, *args, weight_bits: int = 4, per_channel: bool = False,
+                 grid: str = "symmetric", **kw) -> None:
         super().__init__(*args, **kw)
-        self._set_quant(weight_bits, per_channel)
+        self._set_quant(weight_bits, per_channel, grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
@@ -281,9 +321,10 @@ class QuantConv2d(_FakeQuantWeight, nn.Conv2d):
 class QuantLinear(_FakeQuantWeight, nn.Linear):
     """Linear layer whose weight is fake-quantized with the STE in every forward pass (QAT)."""
 
-    def __init__(self, *args, weight_bits: int = 4, per_channel: bool = False, **kw) -> None:
+    def __init__(self, *args, weight_bits: int = 4, per_channel: bool = False,
+                 grid: str = "symmetric", **kw) -> None:
         super().__init__(*args, **kw)
-        self._set_quant(weight_bits, per_channel)
+        self._set_quant(weight_bits, per_channel, grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.quantized_weight(), self.bias)
@@ -326,14 +367,15 @@ def _replace_relus(model: nn.Module, act_bits: int, from_bn: bool, n_sigma: floa
 
 # ----------------------------------------------------------------------------- model level
 def prepare_qat(model: nn.Module, weight_bits: int, act_bits: int | None = None,
-                per_channel: bool = False, first_last_bits: int | None = None) -> nn.Module:
+                per_channel: bool = False, first_last_bits: int | None = None,
+                grid: str = "symmetric") -> nn.Module:
     """A copy of ``model`` for STE quantization-aware training.
 
     Conv/linear layers become :class:`QuantConv2d`/:class:`QuantLinear` (weights at
-    ``weight_bits``; ``first_last_bits`` for the first and last layer if given) and,
+    ``weight_bits`` on ``grid``; ``first_last_bits`` for the first and last layer if given) and,
     with ``act_bits``, every ReLU is followed by an :class:`ActQuant` with a running max.
     """
-    check_bits(weight_bits, name="weight_bits")
+    check_bits(weight_bits, 1, name="weight_bits")
     model = copy.deepcopy(model)
     layers = quantizable_layers(model)
     for i, (name, m) in enumerate(layers):
@@ -341,15 +383,22 @@ def prepare_qat(model: nn.Module, weight_bits: int, act_bits: int | None = None,
         if isinstance(m, nn.Conv2d):
             q = QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
                             m.dilation, m.groups, m.bias is not None, m.padding_mode,
-                            weight_bits=b, per_channel=per_channel)
+                            weight_bits=b, per_channel=per_channel, grid=grid)
         else:
             q = QuantLinear(m.in_features, m.out_features, m.bias is not None,
-                            weight_bits=b, per_channel=per_channel)
+                            weight_bits=b, per_channel=per_channel, grid=grid)
         q.load_state_dict(m.state_dict())
         q.to(m.weight.device)
         _set_module(model, name, q)
     if act_bits is not None:
-        _replace_relus(model, check_bits(act_bits, 1, 32, "act_bits"), from_bn=False, n_sigma=6)
+        quantize_activations(model, act_bits)
+    return model
+
+
+def quantize_activations(model: nn.Module, act_bits: int) -> nn.Module:
+    """Put an :class:`ActQuant` with a running-max range after every ReLU of ``model``
+    (in place) and return it."""
+    _replace_relus(model, check_bits(act_bits, 1, 32, "act_bits"), from_bn=False, n_sigma=6)
     return model
 
 

@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from . import data, models, psgd as psgd_, quant
-from .train import History, fit, load_or_train, seed_everything
+from . import data, models, psgd as psgd_, quant, slb as slb_
+from .train import History, evaluate, fit, load_or_train, seed_everything
 
-__all__ = ["Recipe", "PSGDConfig", "Start", "loaders", "build", "train_fp", "train_qat", "finetune",
+__all__ = ["Recipe", "PSGDConfig", "Start", "SLBConfig", "train_slb", "loaders", "build", "train_fp", "train_qat", "finetune",
            "l1_penalty"]
 
 
@@ -60,24 +60,31 @@ def train_fp(r: Recipe = Recipe(), progress: bool = True) -> tuple[nn.Module, Hi
 def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
               act_bits: int | None = None, per_channel: bool = False,
               first_last_bits: int | None = None, start: "Start | None" = None,
-              progress: bool = True) -> tuple[nn.Module, History]:
+              from_scratch: bool = False, grid: str = "symmetric", progress: bool = True
+              ) -> tuple[nn.Module, History]:
     """STE-QAT baseline: start from a trained full-precision model, fake-quantize the weights
     (and, with ``act_bits``, the activations) with the straight-through estimator, and
     fine-tune for ``epochs`` with SGD and a cosine learning rate.
 
     The starting model is the recipe's full-precision run, or, with ``start``, the result of
-    :func:`finetune` with those settings (a PSGD model, or its SGD control)."""
-    quant.check_bits(bits)
+    :func:`finetune` with those settings (a PSGD model, or its SGD control). With
+    ``from_scratch=True`` it starts from the recipe's random initialisation instead (the
+    same budget as a method trained from scratch, such as SLB). ``grid="even"`` quantizes to
+    SLB's value set instead of the symmetric grid (:func:`lowbit.quant.quantize_even`)."""
+    quant.check_bits(bits, 1)
     qat_args = dict(weight_bits=bits, act_bits=act_bits, per_channel=per_channel,
                     first_last_bits=first_last_bits)
+    if grid != "symmetric":  # (kept out of the dict otherwise: cache keys stay as they were)
+        qat_args["grid"] = grid
+
+    if from_scratch and start is not None:
+        raise ValueError("give either start or from_scratch=True, not both")
 
     def run(model: nn.Module) -> History:
-        if start is None:
-            fp, _ = train_fp(r, progress=progress)
-        else:
-            fp, _ = finetune(r, start.epochs, start.lr, start.weight_decay, start.psgd,
-                             progress=progress)
-        model.load_state_dict(quant.prepare_qat(fp, **qat_args).state_dict())
+        if not from_scratch:  # else build(r) already holds the recipe's initialisation
+            fp, _ = train_fp(r, progress=progress) if start is None else finetune(
+                r, start.epochs, start.lr, start.weight_decay, start.psgd, progress=progress)
+            model.load_state_dict(quant.prepare_qat(fp, **qat_args).state_dict())
         train_loader, test_loader = loaders(r)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=r.momentum)
         seed_everything(r.seed)
@@ -87,6 +94,8 @@ def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
     config = {"name": "qat", **asdict(r), "qat_epochs": epochs, "qat_lr": lr, **qat_args}
     if start is not None:
         config["start"] = asdict(start)
+    if from_scratch:
+        config["from_scratch"] = True
     return load_or_train(config, lambda: quant.prepare_qat(build(r), **qat_args), run)
 
 
@@ -149,3 +158,75 @@ class Start:
     lr: float = 0.01
     weight_decay: float = 0.0
     psgd: PSGDConfig | None = None
+
+
+@dataclass(frozen=True)
+class SLBConfig:
+    """The settings of an SLB run (:func:`train_slb`; see :mod:`lowbit.slb`).
+
+    The logits are trained with Adam (``lr``, cosine to zero); the temperature follows
+    ``schedule``, stepped every iteration (``per="step"``) or every epoch. ``sbn=False``
+    keeps plain BatchNorm (its statistics then come from the continuous network);
+    ``recalibrate`` re-estimates the BN statistics of the discrete network after training
+    from that many training batches.
+    """
+    bits: int = 2
+    act_bits: int | None = None
+    epochs: int = 5
+    lr: float = 0.05
+    schedule: slb_.TemperatureSchedule = slb_.TemperatureSchedule()
+    per: str = "step"
+    sbn: bool = True
+    recalibrate: int = 0
+    init: str = "random"
+    alpha: str = "learned"
+
+
+def train_slb(r: Recipe, cfg: SLBConfig = SLBConfig(), progress: bool = True
+              ) -> tuple[nn.Module, History]:
+    """Train (or load from the cache) an SLB model of the recipe's architecture.
+
+    The history records, per epoch, the discrete model's accuracy (``test_acc``: evaluation
+    mode, argmax weights, discrete statistics), the continuous model's
+    (``extra["test_acc_continuous"]``), the quantization gap (``extra["gap"]``) and the
+    temperature (``extra["temperature"]``)."""
+    if cfg.per not in ("step", "epoch"):
+        raise ValueError(f"per must be 'step' or 'epoch', got {cfg.per!r}")
+
+    def make() -> nn.Module:
+        return slb_.convert(build(r), cfg.bits, cfg.act_bits, sbn=cfg.sbn, alpha=cfg.alpha,
+                            temperature=cfg.schedule.start, init="random", seed=r.seed)
+
+    def run(model: nn.Module) -> History:
+        if cfg.init == "nearest":
+            fp, _ = train_fp(r, progress=progress)
+            start = slb_.convert(fp, cfg.bits, cfg.act_bits, sbn=cfg.sbn, alpha=cfg.alpha,
+                                 temperature=cfg.schedule.start, init="nearest", seed=r.seed)
+            model.load_state_dict(start.state_dict())
+        train_loader, test_loader = loaders(r)
+        total = cfg.epochs * (len(train_loader) if cfg.per == "step" else 1)
+        annealer = slb_.Annealer(model, cfg.schedule, total)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+        def on_epoch(epoch: int, h: History) -> None:
+            if cfg.per == "epoch":
+                annealer.step()
+            with slb_.use_state(model, "continuous"):
+                h.log(test_acc_continuous=evaluate(model, test_loader)[1])
+            h.log(gap=slb_.model_gap(model), temperature=annealer.temperature)
+
+        def on_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+            if cfg.sbn:
+                slb_.update_discrete_stats(model, x)
+
+        seed_everything(r.seed)
+        h = fit(model, train_loader, cfg.epochs, opt, test_loader, progress=progress,
+                on_step=annealer.step if cfg.per == "step" else None, on_epoch=on_epoch,
+                on_batch=on_batch, desc=f"SLB W{cfg.bits}" + (f"A{cfg.act_bits}" if cfg.act_bits else ""))
+        if cfg.recalibrate:
+            slb_.recalibrate_bn(model, train_loader, "discrete", cfg.recalibrate)
+            h.log(test_acc_recalibrated=evaluate(model, test_loader)[1])
+        return h
+
+    config = {"name": "slb", **asdict(r), "slb": asdict(cfg)}
+    return load_or_train(config, make, run)

@@ -85,13 +85,15 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
         lr_schedule: str | None = "cosine", history: History | None = None,
         on_step: Callable[[int], None] | None = None,
         on_epoch: Callable[[int, History], None] | None = None,
+        on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
         penalty: Callable[[nn.Module], torch.Tensor] | None = None,
         progress: bool = True, desc: str = "train") -> History:
     """Train ``model`` for ``epochs`` with ``optimizer`` and return its :class:`History`.
 
     ``lr_schedule="cosine"`` anneals the learning rate to zero over the run;
     ``None`` keeps it fixed. ``on_step(step)`` runs after every optimizer step and
-    ``on_epoch(epoch, history)`` after every epoch (temperature schedules use them).
+    ``on_epoch(epoch, history)`` after every epoch (temperature schedules use them);
+    ``on_batch(x, y)`` gets each training batch after its step (SLB's second pass).
     ``penalty(model)`` is added to the loss (an L1 penalty, say); the history records the
     cross-entropy alone.
     Pass ``history`` to continue a record across phases (SGD, then PSGD).
@@ -124,6 +126,8 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
             if sched is not None:
                 sched.step()
             step += 1
+            if on_batch is not None:
+                on_batch(x, y)
             if on_step is not None:
                 on_step(step)
             total += loss.item() * len(y)

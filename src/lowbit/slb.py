@@ -1,0 +1,492 @@
+"""SLB: searching for low-bit weights (Yang et al., NeurIPS 2020).
+
+Each weight is a distribution over a small set ``V`` of discrete values (METHODS.md, SLB)::
+
+    V = {v_1 … v_m},  m = 2^b, evenly spaced in [-1, 1]      (1 bit: {-1, +1})
+    P = softmax(A / τ)                                         (A: m logits per weight)
+    training weight:  W̃ = α · Σ_i P_i v_i                      (the expectation, paper eq. 6)
+    test weight:      Ŵ = α · v_argmax(A)                       (the discrete weight)
+
+``Ŵ − W̃`` is the *quantization gap*; lowering the temperature τ closes it. State batch
+normalization (SBN) keeps two sets of running statistics, one for the network with
+continuous weights and one for the network with discrete weights.
+
+No official code was released; every choice the paper leaves open is a parameter here:
+
+- ``alpha``, the layer's output scale: ``"learned"`` (a scalar parameter, initialised to
+  the standard deviation of PyTorch's default initialisation) or ``"fixed"`` (that value,
+  kept). A BatchNorm after the layer absorbs it; the last linear layer has none.
+- ``init``: random logits (``"random"``, the paper) or logits that favour the value
+  nearest to a trained full-precision weight (``"nearest"``).
+- Which state a layer uses is explicit: ``"continuous"``, ``"discrete"``, or ``"auto"``
+  (continuous in training mode, discrete in evaluation mode). :func:`use_state` switches
+  a whole model.
+- The discrete statistics of SBN are collected by a second, gradient-free forward pass of
+  each training batch through the discrete network (:func:`update_discrete_stats`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import quant
+from .quant import check_bits
+
+__all__ = ["value_set", "check_temperature", "SLBConv2d", "SLBLinear", "StateBatchNorm1d",
+           "StateBatchNorm2d", "slb_layers", "set_temperature", "use_state", "layer_gap",
+           "model_gap", "TemperatureSchedule", "Annealer", "convert", "update_discrete_stats",
+           "recalibrate_bn", "export", "codes", "parameter_memory"]
+
+State = Literal["auto", "continuous", "discrete"]
+STATES = ("auto", "continuous", "discrete")
+MAX_BITS = 8
+
+
+def value_set(bits: int) -> torch.Tensor:
+    """The 2^b values ``V`` evenly spaced in [-1, 1] (1 bit: {-1, +1})."""
+    b = check_bits(bits, 1, MAX_BITS, "bits")
+    return torch.linspace(-1.0, 1.0, 2 ** b)
+
+
+def check_temperature(tau: object, name: str = "temperature") -> float:
+    """Return ``tau`` as a float, or raise a ValueError unless it is finite and > 0."""
+    if isinstance(tau, torch.Tensor) and tau.numel() == 1:
+        tau = tau.item()
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or \
+            not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {tau!r}")
+    return float(tau)
+
+
+def _check_state(state: str) -> str:
+    if state not in STATES:
+        raise ValueError(f"state must be one of {STATES}, got {state!r}")
+    return state
+
+
+# ----------------------------------------------------------------------------- layers
+class _SLBWeight(nn.Module):
+    """The searched weight of one layer: logits over ``V`` and the output scale α."""
+
+    def _init_slb(self, shape: torch.Size, fan_in: int, bits: int, temperature: float,
+                  alpha: str, init: str, weight: torch.Tensor | None) -> None:
+        self.bits = check_bits(bits, 1, MAX_BITS, "bits")
+        self.weight_shape = tuple(shape)
+        self.temperature = check_temperature(temperature)
+        self.state: State = "auto"
+        if alpha not in ("learned", "fixed"):
+            raise ValueError(f"alpha must be 'learned' or 'fixed', got {alpha!r}")
+        if init not in ("random", "nearest"):
+            raise ValueError(f"init must be 'random' or 'nearest', got {init!r}")
+        self.register_buffer("values", value_set(bits))
+        # PyTorch's default init is U(-1/√fan_in, 1/√fan_in): standard deviation 1/√(3·fan_in)
+        a0 = torch.tensor(1.0 / math.sqrt(3.0 * fan_in))
+        if init == "nearest":
+            if weight is None:
+                raise ValueError("init='nearest' needs the full-precision weight")
+            quant.check_tensor(weight, "weight")
+            a0 = weight.detach().abs().max().clamp(min=1e-8).cpu()
+        if alpha == "learned":
+            self.alpha = nn.Parameter(a0.clone())
+        else:
+            self.register_buffer("alpha", a0.clone())
+        logits = torch.randn(*shape, 2 ** self.bits)
+        if init == "nearest":
+            # a logit margin of 2 for the nearest value, less for the others
+            dist = (weight.detach().cpu().reshape(*shape, 1) / a0 - self.values).abs()
+            logits = -dist * (2.0 / (self.values[1] - self.values[0]))
+        self.logits = nn.Parameter(logits)
+
+    def probabilities(self) -> torch.Tensor:
+        """P = softmax(A / τ) over the last axis (one distribution per weight)."""
+        return torch.softmax(self.logits / self.temperature, dim=-1)
+
+    def expected_weight(self) -> torch.Tensor:
+        """The continuous weight W̃ = α Σ_i P_i v_i (paper eq. 6)."""
+        return self.alpha * (self.probabilities() @ self.values)
+
+    def discrete_weight(self) -> torch.Tensor:
+        """The discrete weight Ŵ = α v_argmax (what the exported model uses)."""
+        return self.alpha * self.values[self.logits.argmax(-1)]
+
+    def current_state(self) -> str:
+        if self.state == "auto":
+            return "continuous" if self.training else "discrete"
+        return self.state
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.expected_weight() if self.current_state() == "continuous" \
+            else self.discrete_weight()
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight_shape}, bits={self.bits}, temperature={self.temperature:.4g}, "
+                f"state={self.state}")
+
+
+class SLBConv2d(_SLBWeight):
+    """Conv2d whose weight is searched over the b-bit value set (see module docstring)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple,
+                 stride: int | tuple = 1, padding: int | tuple = 0, dilation: int | tuple = 1,
+                 groups: int = 1, bias: bool = False, bits: int = 2, temperature: float = 1.0,
+                 alpha: str = "learned", init: str = "random",
+                 weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        k = nn.modules.utils._pair(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
+        self.stride, self.padding = nn.modules.utils._pair(stride), nn.modules.utils._pair(padding)
+        self.dilation, self.groups = nn.modules.utils._pair(dilation), groups
+        shape = torch.Size((out_channels, in_channels // groups, *k))
+        self._init_slb(shape, shape[1:].numel(), bits, temperature, alpha, init, weight)
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class SLBLinear(_SLBWeight):
+    """Linear layer whose weight is searched over the b-bit value set."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 2,
+                 temperature: float = 1.0, alpha: str = "learned", init: str = "random",
+                 weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_slb(torch.Size((out_features, in_features)), in_features, bits, temperature,
+                       alpha, init, weight)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
+class _StateBatchNorm(nn.Module):
+    """Batch normalization with two sets of running statistics and one affine transform.
+
+    ``state`` picks the set: ``"continuous"`` (the network with expectation weights),
+    ``"discrete"`` (the network with argmax weights) or ``"auto"`` (continuous in training
+    mode, discrete in evaluation mode). Only the chosen set is updated by a training-mode
+    forward pass.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1
+                 ) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.state: State = "auto"
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        for s in ("continuous", "discrete"):
+            self.register_buffer(f"{s}_mean", torch.zeros(num_features))
+            self.register_buffer(f"{s}_var", torch.ones(num_features))
+            self.register_buffer(f"{s}_batches", torch.tensor(0, dtype=torch.long))
+
+    def current_state(self) -> str:
+        if self.state == "auto":
+            return "continuous" if self.training else "discrete"
+        return self.state
+
+    def statistics(self, state: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(running mean, running variance) of ``state`` ('continuous' or 'discrete')."""
+        if state not in ("continuous", "discrete"):
+            raise ValueError(f"state must be 'continuous' or 'discrete', got {state!r}")
+        return getattr(self, f"{state}_mean"), getattr(self, f"{state}_var")
+
+    def reset_statistics(self, state: str) -> None:
+        mean, var = self.statistics(state)
+        mean.zero_()
+        var.fill_(1.0)
+        getattr(self, f"{state}_batches").zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self._ndim:
+            raise ValueError(f"{type(self).__name__} expects a {self._ndim}-D input, "
+                             f"got shape {tuple(x.shape)}")
+        s = self.current_state()
+        mean, var = self.statistics(s)
+        momentum = self.momentum
+        if self.training:
+            batches = getattr(self, f"{s}_batches")
+            batches.add_(1)
+            if momentum is None:  # cumulative average, as in nn.BatchNorm
+                momentum = 1.0 / float(batches)
+        return F.batch_norm(x, mean, var, self.weight, self.bias, self.training,
+                            momentum or 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, state={self.state}"
+
+
+class StateBatchNorm2d(_StateBatchNorm):
+    """:class:`_StateBatchNorm` for (N, C, H, W) inputs."""
+    _ndim = 4
+
+
+class StateBatchNorm1d(_StateBatchNorm):
+    """:class:`_StateBatchNorm` for (N, C) inputs."""
+    _ndim = 2
+
+
+# ----------------------------------------------------------------------------- model level
+def slb_layers(model: nn.Module) -> list[tuple[str, _SLBWeight]]:
+    """The SLB layers of ``model`` in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _SLBWeight)]
+
+
+def set_temperature(model: nn.Module, tau: float) -> None:
+    """Set the softmax temperature of every SLB layer."""
+    tau = check_temperature(tau)
+    for _, m in slb_layers(model):
+        m.temperature = tau
+
+
+@contextlib.contextmanager
+def use_state(model: nn.Module, state: State) -> Iterator[nn.Module]:
+    """Within the block, every SLB layer and state BN of ``model`` uses ``state``."""
+    _check_state(state)
+    mods = [m for m in model.modules() if isinstance(m, (_SLBWeight, _StateBatchNorm))]
+    old = [m.state for m in mods]
+    for m in mods:
+        m.state = state
+    try:
+        yield model
+    finally:
+        for m, s in zip(mods, old):
+            m.state = s
+
+
+@torch.no_grad()
+def layer_gap(layer: _SLBWeight) -> float:
+    """The layer's relative quantization gap ‖Ŵ − W̃‖ / ‖Ŵ‖ (0 when the softmax is one-hot)."""
+    d = layer.discrete_weight()
+    return float((d - layer.expected_weight()).norm() / d.norm())
+
+
+@torch.no_grad()
+def model_gap(model: nn.Module) -> float:
+    """The quantization gap of all SLB weights of ``model`` together, as in :func:`layer_gap`."""
+    num, den = 0.0, 0.0
+    for _, m in slb_layers(model):
+        d = m.discrete_weight()
+        num += float(((d - m.expected_weight()) ** 2).sum())
+        den += float((d ** 2).sum())
+    if den == 0:
+        raise ValueError("model has no SLB layers (convert it with lowbit.slb.convert)")
+    return math.sqrt(num / den)
+
+
+@dataclass(frozen=True)
+class TemperatureSchedule:
+    """τ as a function of training progress p ∈ [0, 1].
+
+    τ stays at ``start`` until ``begin``, moves to ``end`` by ``finish`` and stays there.
+    ``kind``: ``"exp"`` (geometric: 1/τ grows by a constant factor per step, the paper's
+    best), ``"cos"``, ``"linear"``, or ``"restarts"`` (``cycles`` exponential cycles, each
+    starting again from ``start`` — SGDR-like, as a reviewer suggested).
+    """
+    kind: str = "exp"
+    start: float = 1.0
+    end: float = 0.001
+    begin: float = 0.0
+    finish: float = 1.0
+    cycles: int = 3
+
+    KINDS = ("exp", "cos", "linear", "restarts")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {self.kind!r}")
+        check_temperature(self.start, "start temperature")
+        check_temperature(self.end, "end temperature")
+        if self.end > self.start:
+            raise ValueError(f"an annealing schedule cools: end temperature {self.end} is "
+                             f"above start temperature {self.start}")
+        for name in ("begin", "finish"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{name} must be a fraction of training in [0, 1], got {v!r}")
+        if self.finish <= self.begin:
+            raise ValueError(f"the schedule ends (finish={self.finish}) before it begins "
+                             f"(begin={self.begin}); finish must be later than begin")
+        if self.kind == "restarts" and (not isinstance(self.cycles, int) or self.cycles < 1):
+            raise ValueError(f"cycles must be a positive int, got {self.cycles!r}")
+
+    def __call__(self, progress: float) -> float:
+        if not math.isfinite(progress):
+            raise ValueError(f"progress must be finite, got {progress!r}")
+        s = min(max((progress - self.begin) / (self.finish - self.begin), 0.0), 1.0)
+        a, b = self.start, self.end
+        if self.kind == "restarts":
+            if s >= 1.0:
+                return b
+            s = (s * self.cycles) % 1.0
+        if self.kind in ("exp", "restarts"):
+            return a * (b / a) ** s
+        if self.kind == "cos":
+            return b + (a - b) * (1 + math.cos(math.pi * s)) / 2
+        return a + (b - a) * s
+
+
+class Annealer:
+    """Steps a model's temperature along a schedule: call :meth:`step` once per epoch or
+    once per iteration, ``total`` times in all (``fit``'s ``on_epoch``/``on_step`` hooks)."""
+
+    def __init__(self, model: nn.Module, schedule: TemperatureSchedule, total: int) -> None:
+        if not isinstance(total, int) or total < 1:
+            raise ValueError(f"total must be a positive number of steps, got {total!r}")
+        if not slb_layers(model):
+            raise ValueError("model has no SLB layers (convert it with lowbit.slb.convert)")
+        self.model, self.schedule, self.total, self.count = model, schedule, total, 0
+        set_temperature(model, schedule(0.0))
+
+    @property
+    def temperature(self) -> float:
+        return self.schedule(self.count / self.total)
+
+    def step(self, *_) -> float:
+        self.count = min(self.count + 1, self.total)
+        tau = self.temperature
+        set_temperature(self.model, tau)
+        return tau
+
+
+def convert(model: nn.Module, bits: int, act_bits: int | None = None, sbn: bool = True,
+            temperature: float = 1.0, alpha: str = "learned", init: str = "random",
+            seed: int | None = None) -> nn.Module:
+    """A copy of ``model`` for SLB: every conv/linear layer becomes an SLB layer with
+    ``bits``-bit weights, every BatchNorm a state BN (``sbn=True``), and, with
+    ``act_bits``, every ReLU is followed by :class:`lowbit.quant.ActQuant`.
+
+    ``init='nearest'`` starts each weight's distribution at the value nearest to the
+    model's trained weight; ``'random'`` draws the logits from N(0, 1) (``seed`` fixes them).
+    """
+    bits = check_bits(bits, 1, MAX_BITS, "bits")
+    model = copy.deepcopy(model)
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    for name, m in quant.quantizable_layers(model):
+        kw = dict(bits=bits, temperature=temperature, alpha=alpha, init=init, weight=m.weight)
+        if isinstance(m, nn.Conv2d):
+            new = SLBConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                            m.dilation, m.groups, m.bias is not None, **kw)
+        else:
+            new = SLBLinear(m.in_features, m.out_features, m.bias is not None, **kw)
+        if m.bias is not None:
+            new.bias.data.copy_(m.bias.detach())
+        quant._set_module(model, name, new.to(device))
+    if sbn:
+        for name, m in list(model.named_modules()):
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                cls = StateBatchNorm2d if isinstance(m, nn.BatchNorm2d) else StateBatchNorm1d
+                new = cls(m.num_features, m.eps, m.momentum)
+                with torch.no_grad():
+                    new.weight.copy_(m.weight)
+                    new.bias.copy_(m.bias)
+                    for s in ("continuous", "discrete"):
+                        new.statistics(s)[0].copy_(m.running_mean)
+                        new.statistics(s)[1].copy_(m.running_var)
+                quant._set_module(model, name, new.to(device))
+    if act_bits is not None:
+        quant.quantize_activations(model, act_bits)
+    return model
+
+
+@torch.no_grad()
+def update_discrete_stats(model: nn.Module, x: torch.Tensor) -> None:
+    """Run ``x`` through the discrete network in training mode without gradients: the
+    discrete statistics of every state BN see the batch (the second pass of SBN)."""
+    was = model.training
+    model.train()
+    with use_state(model, "discrete"):
+        model(x)
+    model.train(was)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable, state: State = "discrete",
+                   max_batches: int | None = None) -> nn.Module:
+    """Post-training BN recalibration (the cheaper alternative to SBN a reviewer asked
+    about): reset the running statistics and re-estimate them, as a cumulative average over
+    ``batches``, with the network in ``state``. Works on state BNs and plain BatchNorm."""
+    bns = [m for m in model.modules()
+           if isinstance(m, (_StateBatchNorm, nn.modules.batchnorm._BatchNorm))]
+    if not bns:
+        raise ValueError("model has no batch normalization to recalibrate")
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        if isinstance(m, _StateBatchNorm):
+            m.reset_statistics("discrete" if state == "auto" else state)
+        else:
+            m.reset_running_stats()
+        m.momentum = None
+    was = model.training
+    model.train()
+    device = next(model.parameters()).device
+    try:
+        with use_state(model, "discrete" if state == "auto" else state):
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was)
+    return model
+
+
+@torch.no_grad()
+def codes(layer: _SLBWeight) -> tuple[torch.Tensor, float]:
+    """The layer's integer codes k ∈ {0 … 2^b − 1} (uint8) and the scale: weight
+    = scale · (2k / (2^b − 1) − 1)."""
+    return layer.logits.argmax(-1).to(torch.uint8), float(layer.alpha)
+
+
+@torch.no_grad()
+def export(model: nn.Module) -> nn.Module:
+    """An ordinary model whose conv/linear weights are the discrete (argmax) weights and
+    whose BatchNorms carry the discrete statistics: what the SLB model computes in
+    evaluation mode, with no logits left. Each exported layer records ``weight_bits``
+    (for :func:`lowbit.quant.model_size_bits`) and its integer ``codes``."""
+    out = copy.deepcopy(model)
+    for name, m in slb_layers(out):
+        k, scale = codes(m)
+        w = m.discrete_weight()
+        if isinstance(m, SLBConv2d):
+            new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                            m.dilation, m.groups, m.bias is not None)
+        else:
+            new = nn.Linear(m.in_features, m.out_features, m.bias is not None)
+        new = new.to(w.device)
+        new.weight.copy_(w)
+        if m.bias is not None:
+            new.bias.copy_(m.bias)
+        new.weight_bits = m.bits
+        new.register_buffer("codes", k)
+        new.scale = scale
+        quant._set_module(out, name, new)
+    for name, m in list(out.named_modules()):
+        if isinstance(m, _StateBatchNorm):
+            cls = nn.BatchNorm2d if isinstance(m, StateBatchNorm2d) else nn.BatchNorm1d
+            new = cls(m.num_features, m.eps, m.momentum).to(m.weight.device)
+            new.weight.copy_(m.weight)
+            new.bias.copy_(m.bias)
+            mean, var = m.statistics("discrete")
+            new.running_mean.copy_(mean)
+            new.running_var.copy_(var)
+            quant._set_module(out, name, new)
+    return out.eval()
+
+
+def parameter_memory(model: nn.Module) -> int:
+    """Bytes of the model's trainable parameters (what an optimizer also keeps state for)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

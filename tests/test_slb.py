@@ -1,0 +1,209 @@
+"""SLB: value sets, expectation and argmax weights, schedules, state BN, export, bad input."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit import quant, slb
+from lowbit.models import SmallCNN
+
+
+@pytest.mark.parametrize("bits, expected", [
+    (1, [-1.0, 1.0]),
+    (2, [-1.0, -1 / 3, 1 / 3, 1.0]),
+])
+def test_value_sets_by_hand(bits, expected):
+    torch.testing.assert_close(slb.value_set(bits), torch.tensor(expected))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_value_set_has_2b_even_values_in_unit_interval(bits):
+    v = slb.value_set(bits)
+    assert len(v) == 2 ** bits and v[0] == -1 and v[-1] == 1
+    torch.testing.assert_close(v.diff(), torch.full((2 ** bits - 1,), 2 / (2 ** bits - 1)))
+
+
+def test_expectation_is_sum_p_v_and_argmax_is_discrete():
+    torch.manual_seed(0)
+    layer = slb.SLBLinear(5, 3, bits=2, temperature=0.7)
+    p = torch.softmax(layer.logits / 0.7, -1)
+    v = slb.value_set(2)
+    manual = layer.alpha * (p * v).sum(-1)
+    torch.testing.assert_close(layer.expected_weight(), manual)
+    torch.testing.assert_close(layer.discrete_weight(), layer.alpha * v[layer.logits.argmax(-1)])
+
+
+def test_low_temperature_expectation_equals_argmax():
+    torch.manual_seed(1)
+    layer = slb.SLBConv2d(3, 4, 3, bits=3, temperature=1.0)
+    gap_hot = slb.layer_gap(layer)
+    layer.temperature = 1e-4
+    torch.testing.assert_close(layer.expected_weight(), layer.discrete_weight())
+    assert slb.layer_gap(layer) < 1e-6 < gap_hot
+
+
+def test_auto_state_uses_expectation_in_training_and_argmax_in_eval():
+    torch.manual_seed(2)
+    layer = slb.SLBLinear(4, 2, bits=2)
+    x = torch.randn(3, 4)
+    out_train = layer.train()(x)
+    torch.testing.assert_close(out_train, nn.functional.linear(x, layer.expected_weight(), layer.bias))
+    out_eval = layer.eval()(x)
+    torch.testing.assert_close(out_eval, nn.functional.linear(x, layer.discrete_weight(), layer.bias))
+    with slb.use_state(layer, "continuous"):
+        torch.testing.assert_close(layer(x), out_train)
+    assert layer.state == "auto"
+
+
+@pytest.mark.parametrize("kind", slb.TemperatureSchedule.KINDS)
+def test_schedules_hit_start_and_end(kind):
+    s = slb.TemperatureSchedule(kind, start=2.0, end=0.01, begin=0.2, finish=0.9, cycles=2)
+    assert s(0.0) == pytest.approx(2.0) and s(0.2) == pytest.approx(2.0)
+    assert s(0.9) == pytest.approx(0.01) and s(1.0) == pytest.approx(0.01)
+    values = [s(p / 100) for p in range(101)]
+    assert min(values) >= 0.01 - 1e-12 and max(values) <= 2.0 + 1e-12
+    if kind != "restarts":
+        assert all(a >= b - 1e-12 for a, b in zip(values, values[1:]))  # monotone cooling
+    else:
+        assert s(0.55) == pytest.approx(2.0)  # the second cycle starts hot again
+
+
+def test_exp_schedule_is_geometric():
+    s = slb.TemperatureSchedule("exp", start=1.0, end=0.01)
+    assert s(0.5) == pytest.approx(0.1)
+
+
+def test_annealer_sets_model_temperature():
+    model = slb.convert(SmallCNN(), 2)
+    a = slb.Annealer(model, slb.TemperatureSchedule("linear", 1.0, 0.5), total=4)
+    assert all(m.temperature == 1.0 for _, m in slb.slb_layers(model))
+    for _ in range(4):
+        a.step()
+    assert all(m.temperature == pytest.approx(0.5) for _, m in slb.slb_layers(model))
+    a.step()  # past the end stays at the end
+    assert a.temperature == pytest.approx(0.5)
+
+
+def test_state_bn_keeps_two_sets_apart():
+    bn = slb.StateBatchNorm2d(3, momentum=None)
+    x = torch.randn(8, 3, 4, 4) * 2 + 1
+    with slb.use_state(bn, "continuous"):
+        bn.train()(x)
+    torch.testing.assert_close(bn.statistics("continuous")[0], x.mean((0, 2, 3)))
+    torch.testing.assert_close(bn.statistics("discrete")[0], torch.zeros(3))
+    y = torch.randn(8, 3, 4, 4) - 3
+    with slb.use_state(bn, "discrete"):
+        bn(y)
+    torch.testing.assert_close(bn.statistics("discrete")[0], y.mean((0, 2, 3)))
+    torch.testing.assert_close(bn.statistics("continuous")[0], x.mean((0, 2, 3)))
+    # auto: evaluation mode normalizes with the discrete set
+    out = bn.eval()(y)
+    ref = nn.functional.batch_norm(y, *bn.statistics("discrete"), bn.weight, bn.bias, False)
+    torch.testing.assert_close(out, ref)
+
+
+def test_update_discrete_stats_touches_only_the_discrete_set():
+    torch.manual_seed(3)
+    model = slb.convert(SmallCNN(), 2)
+    bn = next(m for m in model.modules() if isinstance(m, slb.StateBatchNorm2d))
+    before_c = bn.statistics("continuous")[0].clone()
+    before_d = bn.statistics("discrete")[0].clone()
+    slb.update_discrete_stats(model, torch.randn(4, 1, 28, 28))
+    assert torch.equal(bn.statistics("continuous")[0], before_c)
+    assert not torch.equal(bn.statistics("discrete")[0], before_d)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_export_matches_slb_model_in_eval(bits):
+    torch.manual_seed(4)
+    model = slb.convert(SmallCNN(), bits, act_bits=4)
+    x = torch.randn(16, 1, 28, 28)
+    model.train()
+    model(x)
+    slb.update_discrete_stats(model, x)
+    model.eval()
+    exported = slb.export(model)
+    assert not slb.slb_layers(exported)
+    assert not any(isinstance(m, slb.StateBatchNorm2d) for m in exported.modules())
+    torch.testing.assert_close(exported(x), model(x))
+    for (_, e), (_, m) in zip(quant.quantizable_layers(exported), slb.slb_layers(model)):
+        k = e.codes.long()
+        levels = 2 ** bits - 1
+        torch.testing.assert_close(e.weight, e.scale * (2 * k / levels - 1))
+        assert e.weight_bits == bits and k.max() <= levels
+    n_weights = sum(m.weight.numel() for _, m in quant.quantizable_layers(exported))
+    n_all = sum(p.numel() for p in exported.parameters())
+    assert quant.model_size_bits(exported) == bits * n_weights + 32 * (n_all - n_weights)
+
+
+def test_recalibration_matches_full_batch_statistics():
+    torch.manual_seed(5)
+    model = slb.convert(SmallCNN(), 2, sbn=False)
+    x = torch.randn(32, 1, 28, 28)
+    slb.recalibrate_bn(model, [(x[:16],), (x[16:],)])
+    bn = model.features[1]
+    with torch.no_grad(), slb.use_state(model, "discrete"):
+        h = model.features[0](x)
+    torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.1  # restored
+
+
+def test_memory_grows_with_2_to_the_b():
+    base = SmallCNN()
+    w = sum(m.weight.numel() for _, m in quant.quantizable_layers(base))
+    for bits in (1, 2, 4):
+        model = slb.convert(base, bits)
+        logits = sum(m.logits.numel() for _, m in slb.slb_layers(model))
+        assert logits == 2 ** bits * w
+    assert slb.parameter_memory(slb.convert(base, 4)) > 15 * slb.parameter_memory(base)
+
+
+@pytest.mark.parametrize("bits", [0, 9, 2.5, "2", True])
+def test_bad_bits(bits):
+    with pytest.raises(ValueError, match="bits"):
+        slb.value_set(bits)
+    with pytest.raises(ValueError, match="bits"):
+        slb.SLBLinear(3, 2, bits=bits)
+
+
+@pytest.mark.parametrize("tau", [0, -1.0, math.nan, math.inf, "1"])
+def test_bad_temperature(tau):
+    with pytest.raises(ValueError, match="temperature"):
+        slb.SLBLinear(3, 2, temperature=tau)
+    model = slb.convert(SmallCNN(), 2)
+    with pytest.raises(ValueError, match="temperature"):
+        slb.set_temperature(model, tau)
+    with pytest.raises(ValueError, match="temperature"):
+        slb.TemperatureSchedule("exp", start=tau)
+
+
+def test_bad_schedules():
+    with pytest.raises(ValueError, match="before it begins"):
+        slb.TemperatureSchedule("exp", begin=0.8, finish=0.3)
+    with pytest.raises(ValueError, match="cools"):
+        slb.TemperatureSchedule("exp", start=0.1, end=1.0)
+    with pytest.raises(ValueError, match="kind"):
+        slb.TemperatureSchedule("step")
+    with pytest.raises(ValueError, match="total"):
+        slb.Annealer(slb.convert(SmallCNN(), 2), slb.TemperatureSchedule(), total=0)
+    with pytest.raises(ValueError, match="no SLB layers"):
+        slb.Annealer(SmallCNN(), slb.TemperatureSchedule(), total=3)
+
+
+def test_bad_state_and_input_shape():
+    with pytest.raises(ValueError, match="state"):
+        with slb.use_state(SmallCNN(), "argmax"):
+            pass
+    with pytest.raises(ValueError, match="4-D input"):
+        slb.StateBatchNorm2d(3)(torch.randn(2, 3))
+
+
+def test_ste_baselines_at_one_bit_and_on_the_even_grid():
+    w = torch.tensor([-1.0, -0.5, -0.1, 0.2, 0.9])
+    torch.testing.assert_close(quant.binarize(w), torch.tensor([-0.54, -0.54, -0.54, 0.54, 0.54]))
+    torch.testing.assert_close(quant.quantize_even(w, 2),
+                               torch.tensor([-1.0, -1 / 3, -1 / 3, 1 / 3, 1.0]))
+    q = quant.prepare_qat(SmallCNN(), 1)
+    q(torch.randn(2, 1, 28, 28)).sum().backward()
+    assert all(m.weight.grad is not None for _, m in quant.quantizable_layers(q))
