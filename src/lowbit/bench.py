@@ -79,8 +79,38 @@ def bench_psgd() -> dict[str, float]:
     return out
 
 
+def bench_slb(bits: int = 2) -> dict[str, float]:
+    """An SLB training step (expectation forward, backward, Adam on the logits, and the
+    state-BN pass of the discrete network) against an STE-QAT step (SGD) at ``bits`` on the
+    book's CNN and its half-width version used by Part II; and the ratio of trainable
+    parameter memory."""
+    from .models import SmallCNN
+    from .quant import prepare_qat
+    from .slb import convert, parameter_memory, update_discrete_stats
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    for name, widths in [("cnn", (16, 32)), ("cnn8", (8, 16))]:
+        torch.manual_seed(0)
+        x = torch.randn(32, 1, 28, 28, device=device)
+        y = torch.randint(0, 10, (32,), device=device)
+        base = SmallCNN(widths=widths).to(device)
+        qat, s = prepare_qat(base, bits), convert(base, bits)
+        sgd = torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9)
+        adam = torch.optim.Adam(s.parameters(), lr=0.01)
+        slb_step = _train_step(s, adam, x, y)
+
+        def step() -> None:
+            slb_step()
+            update_discrete_stats(s, x)
+        out[f"slb_step_vs_ste_qat_{name}_w{bits}"] = ratio(step, _train_step(qat, sgd, x, y),
+                                                           repeats=30)
+        out[f"slb_param_memory_vs_ste_qat_{name}_w{bits}"] = (parameter_memory(s) /
+                                                              parameter_memory(qat))
+    return out
+
+
 BENCHMARKS: dict[str, Callable[[], dict[str, float]]] = {
-    "fake_quant": bench_fake_quant, "psgd": bench_psgd}
+    "fake_quant": bench_fake_quant, "psgd": bench_psgd, "slb": bench_slb}
 
 
 def main(argv: list[str] | None = None) -> None:

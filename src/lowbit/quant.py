@@ -164,8 +164,17 @@ def quantize_unsigned(x: torch.Tensor, bits: int, x_max: float | torch.Tensor,
     x_max = torch.as_tensor(x_max, dtype=x.dtype, device=x.device)
     if not torch.isfinite(x_max).all() or (x_max <= 0).any():
         raise ValueError(f"x_max must be finite and positive, got {x_max.tolist()}")
+    if rounding == "nearest":
+        return _unsigned_nearest(x, levels, x_max)
     delta = x_max / levels
     return torch.clamp(_round(x / delta, rounding, generator), 0, levels) * delta
+
+
+def _unsigned_nearest(x: torch.Tensor, levels: int, x_max: torch.Tensor) -> torch.Tensor:
+    """The unsigned quantizer without checks, in place on one buffer (inputs checked by the
+    caller): the activation path of every QAT step runs through here."""
+    delta = x_max / levels
+    return torch.div(x.detach(), delta).round_().clamp_(0, levels).mul_(delta)
 
 
 def quantize_asymmetric(x: torch.Tensor, bits: int, dim: int | None = None,
@@ -247,7 +256,7 @@ class _UnsignedSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bits: int, x_max: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward((x >= 0) & (x <= x_max))
-        return quantize_unsigned(x, bits, x_max)
+        return _unsigned_nearest(x, 2 ** bits - 1, x_max)  # ActQuant checked x and x_max
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -273,6 +282,9 @@ class ActQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch_max = x.detach().amax()
+        if not torch.isfinite(batch_max):  # NaN and +inf reach the max; -inf is clipped to 0
+            raise ValueError(f"ActQuant got {int((~torch.isfinite(x)).sum())} non-finite "
+                             "activation(s) (NaN or inf); quantization needs finite values")
         if self.calibrating:
             self.x_max.copy_(torch.fmax(self.x_max, batch_max))
             return x
