@@ -109,8 +109,29 @@ def bench_slb(bits: int = 2) -> dict[str, float]:
     return out
 
 
+def bench_fqt(grad_bits: int = 4) -> dict[str, float]:
+    """A training step of the book's CNN with FQT (PSQ or BHQ gradients at ``grad_bits``,
+    weight gradients at 8 bits) against the same step with QAT (8-bit forward,
+    full-precision backward); and PTQ for reference. SGD, batch of 32 MNIST-sized images."""
+    from .fqt import configure, convert
+    from .models import SmallCNN
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (32,), device=device)
+    qat = convert(SmallCNN().to(device), "qat")
+    base = _train_step(qat, torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9), x, y)
+    out = {}
+    for q in ("ptq", "psq", "bhq"):
+        m = convert(SmallCNN().to(device), "fqt", q, grad_bits)
+        configure(m, generator=torch.Generator(device=device).manual_seed(0))
+        step = _train_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x, y)
+        out[f"fqt_{q}_step_vs_qat_cnn"] = ratio(step, base, repeats=30)
+    return out
+
+
 BENCHMARKS: dict[str, Callable[[], dict[str, float]]] = {
-    "fake_quant": bench_fake_quant, "psgd": bench_psgd, "slb": bench_slb}
+    "fake_quant": bench_fake_quant, "psgd": bench_psgd, "slb": bench_slb, "fqt": bench_fqt}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,152 @@
+"""FQT: unbiased gradient quantizers, the BHQ transform, QAT/FQT layers, bad input."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit import fqt, quant
+from lowbit.models import SmallCNN
+
+
+def _gradient(n=16, d=40, seed=0):
+    g = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    g[2] *= 30.0  # one sample with a large gradient, as in real batches
+    g[5] *= 8.0
+    return g
+
+
+@pytest.mark.parametrize("quantizer", fqt.QUANTIZERS)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantizers_are_unbiased(quantizer, bits):
+    # K draws: each entry's mean error must be within 5 standard errors (sd/√K) of zero,
+    # plus float rounding; with 640 entries a correct quantizer fails with prob ~ 4e-4.
+    g, k = _gradient(), 3000
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.stack([fqt.quantize_gradient(g, bits, quantizer, gen) for _ in range(k)])
+    err = (draws.mean(0) - g).abs()
+    se = draws.std(0) / math.sqrt(k)
+    assert bool((err <= 5 * se + 1e-4 * g.abs().max()).all())
+    # and nearest rounding on the same grid would be biased: the test can fail
+    assert float(draws.std(0).max()) > 0
+
+
+def test_nearest_rounding_is_biased_where_stochastic_is_not():
+    x = torch.full((1, 1000), 0.3)
+    x[0, 0], x[0, 1] = 0.0, 1.0  # range [0, 1], 1 bit: codes 0 and 1
+    near = quant.quantize_asymmetric(x, 1)
+    sr = torch.stack([fqt.quantize_ptq(x, 1, torch.Generator().manual_seed(s)) for s in range(400)])
+    assert float(near[0, 5]) == 0.0  # nearest always rounds 0.3 down
+    assert abs(float(sr[:, 0, 5:].mean()) - 0.3) < 0.01
+
+
+def test_psq_uses_per_row_ranges():
+    g = torch.tensor([[0.0, 1.0, 0.5], [0.0, 100.0, 50.0]])
+    q = fqt.quantize_psq(g, 8, torch.Generator().manual_seed(0))
+    # row 0 has its own step 1/255, so 0.5 lands within one step of 0.5
+    assert abs(float(q[0, 2]) - 0.5) <= 1 / 255 + 1e-6
+    assert fqt.variance_bound(g, 8, "psq") < fqt.variance_bound(g, 8, "ptq")
+    assert fqt.bins_used(g, 2, "psq") >= fqt.bins_used(g, 2, "ptq")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 8, 17])
+def test_householder_blocks_are_orthogonal_and_spread_the_first_row(size):
+    h = fqt.householder(size, torch.float64)
+    torch.testing.assert_close(h @ h.T, torch.eye(size, dtype=torch.float64))
+    torch.testing.assert_close(h @ torch.eye(size, dtype=torch.float64)[:, 0],
+                               torch.full((size,), 1 / math.sqrt(size), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n_groups", [None, 1, 3, 16])
+def test_bhq_transform_inverts_exactly(n_groups):
+    g = _gradient().double()
+    t, t_inv = fqt.bhq_transform(g, n_groups)
+    torch.testing.assert_close(t_inv @ t, torch.eye(16, dtype=torch.float64))
+    torch.testing.assert_close(t_inv @ (t @ g), g)
+    # with 32-bit codes quantization is (almost) the identity: the whole BHQ round trip returns g
+    q = fqt.quantize_bhq(g, 32, torch.Generator().manual_seed(0), n_groups)
+    torch.testing.assert_close(q, g, rtol=1e-6, atol=1e-6)
+
+
+def test_bhq_and_psq_cut_variance_on_a_spiky_gradient():
+    g = _gradient()
+    var = {}
+    for q in fqt.QUANTIZERS:
+        gen = torch.Generator().manual_seed(2)
+        var[q] = float(torch.stack([fqt.quantize_gradient(g, 4, q, gen) for _ in range(300)]).var(0).sum())
+    assert var["bhq"] < var["psq"] < var["ptq"]
+    assert var["ptq"] <= fqt.variance_bound(g, 4, "ptq")
+    assert var["psq"] <= fqt.variance_bound(g, 4, "psq")
+
+
+@pytest.mark.parametrize("mode", ["qat", "fqt"])
+def test_fqt_forward_equals_qat_forward(mode):
+    torch.manual_seed(0)
+    base = SmallCNN()
+    x = torch.randn(4, 1, 28, 28)
+    qat, f = fqt.convert(base, "qat"), fqt.convert(base, mode, "bhq", 4)
+    torch.testing.assert_close(f(x), qat(x))
+    # and the forward is the 8-bit quantized one, not full precision
+    lin = f.classifier
+    h = torch.randn(3, lin.in_features)
+    ref = nn.functional.linear(quant.quantize_asymmetric(h, 8), quant.quantize_symmetric(lin.weight, 8),
+                               lin.bias)
+    torch.testing.assert_close(lin(h), ref)
+
+
+def test_qat_backward_is_the_straight_through_gradient():
+    torch.manual_seed(1)
+    lin = nn.Linear(6, 3)
+    q = fqt.convert(nn.Sequential(lin), "qat")[0]
+    x = torch.randn(5, 6, requires_grad=True)
+    q(x).pow(2).sum().backward()
+    xq, wq = quant.quantize_asymmetric(x.detach(), 8), quant.quantize_symmetric(lin.weight.detach(), 8)
+    x2, w2 = xq.clone().requires_grad_(), wq.clone().requires_grad_()
+    b2 = lin.bias.detach().clone().requires_grad_()
+    nn.functional.linear(x2, w2, b2).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(q.weight.grad, w2.grad)
+    torch.testing.assert_close(q.bias.grad, b2.grad)
+
+
+def test_fqt_backward_in_expectation_equals_qat_backward():
+    torch.manual_seed(2)
+    model = fqt.convert(SmallCNN(widths=(4, 8)), "fqt", "psq", 4)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    stats = fqt.gradient_statistics(model, x, y, "psq", 4, draws=200)
+    for name, s in stats.items():
+        assert s["variance"] > 0, name
+        assert s["bias"] < 5 * s["bias_se"] + 1e-6, (name, s)
+    assert all(m.mode == "fqt" for m in model.modules() if isinstance(m, fqt.FQTLinear))
+
+
+@pytest.mark.parametrize("bits", [0, 33, 1.5, "4"])
+def test_bad_bits(bits):
+    with pytest.raises(ValueError, match="bits"):
+        fqt.quantize_psq(torch.randn(4, 3), bits)
+    with pytest.raises(ValueError, match="bits"):
+        fqt.configure(fqt.convert(SmallCNN()), grad_bits=bits)
+
+
+@pytest.mark.parametrize("quantizer", fqt.QUANTIZERS)
+def test_bad_gradients(quantizer):
+    g = torch.randn(4, 3)
+    g[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        fqt.quantize_gradient(g, 4, quantizer)
+    with pytest.raises(ValueError, match="empty"):
+        fqt.quantize_gradient(torch.empty(0, 3), 4, quantizer)
+    with pytest.raises(ValueError, match="floating-point"):
+        fqt.quantize_gradient(torch.ones(2, 2, dtype=torch.long), 4, quantizer)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="quantizer"):
+        fqt.quantize_gradient(torch.randn(2, 2), 4, "per-channel")
+    with pytest.raises(ValueError, match="mode"):
+        fqt.convert(SmallCNN(), "fp")
+    with pytest.raises(ValueError, match="n_groups"):
+        fqt.bhq_transform(torch.randn(4, 3), 9)
+    with pytest.raises(ValueError, match="draws"):
+        fqt.gradient_statistics(fqt.convert(SmallCNN()), torch.randn(2, 1, 28, 28),
+                                torch.tensor([0, 1]), "ptq", 4, draws=1)
