@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-__all__ = ["data_dir", "ArrayLoader", "Split", "load_arrays", "get_loaders", "load_cifar10",
+__all__ = ["data_dir", "ArrayLoader", "Split", "load_arrays", "get_loaders", "sorting_task", "load_cifar10",
            "DATASETS"]
 
 
@@ -179,6 +179,23 @@ def get_loaders(name: str = "mnist", batch_size: int = 128, seed: int = 0,
         x, y = x[:n_train], y[:n_train]
     return (ArrayLoader(x, y, batch_size, shuffle=True, seed=seed),
             ArrayLoader(s.x_test, s.y_test, 512))
+
+
+def sorting_task(n_train: int = 4000, n_test: int = 1000, length: int = 12, vocab: int = 10,
+                 seed: int = 0, batch_size: int = 32) -> tuple[ArrayLoader, ArrayLoader]:
+    """A sequence task made locally: the input is ``length`` random tokens from
+    ``vocab``, the target at each position is the token the sorted sequence has there.
+    Train and test loaders of (N, length) int64 tensors; the test set never repeats a
+    training sequence's seed stream (drawn after it)."""
+    for name, v, low in [("n_train", n_train, 1), ("n_test", n_test, 1), ("length", length, 2),
+                         ("vocab", vocab, 2), ("batch_size", batch_size, 1)]:
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an int ≥ {low}, got {v!r}")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n_train + n_test, length), generator=g)
+    y = x.sort(dim=1).values
+    return (ArrayLoader(x[:n_train], y[:n_train], batch_size, shuffle=True, seed=seed),
+            ArrayLoader(x[n_train:], y[n_train:], 512))
 
 
 # ----------------------------------------------------------------------------- CIFAR-10

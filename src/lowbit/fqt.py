@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,9 +31,10 @@ from torch import nn
 
 from .quant import check_bits, quantizable_layers, quantize_asymmetric, quantize_symmetric, \
     _set_module
+from .train import loss_and_correct
 
 __all__ = ["QUANTIZERS", "quantize_gradient", "quantize_ptq", "quantize_psq", "quantize_bhq",
-           "householder", "bhq_transform", "bins_used", "variance_bound", "FQTLinear",
+           "householder", "bhq_transform", "codes", "bins_used", "output_gradients", "variance_bound", "FQTLinear",
            "FQTConv2d", "convert", "configure", "layer_gradients", "gradient_statistics"]
 
 QUANTIZERS = ("ptq", "psq", "bhq")
@@ -259,21 +261,29 @@ def quantize_gradient(g: torch.Tensor, bits: int, quantizer: str = "ptq",
 
 
 @torch.no_grad()
+def codes(g: torch.Tensor, bits: int, quantizer: str = "ptq",
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """The integer codes (0 … 2^b − 1, as floats, shaped (N, D)) that ``quantizer`` gives
+    the rows of ``g`` — in the transformed domain for BHQ."""
+    x = _rows(g)
+    b = _bits(bits)
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+    if quantizer == "bhq":
+        gid, scale, v, vnorm2, _ = _bhq_plan(x, None)
+        x = _reflect(x * scale.unsqueeze(1), gid, v, vnorm2)
+    lo, hi = _ranges(x, per_row=quantizer != "ptq")
+    return _sr_rows(x, lo, hi, b, generator)[1]
+
+
+@torch.no_grad()
 def bins_used(g: torch.Tensor, bits: int, quantizer: str = "ptq",
               generator: torch.Generator | None = None) -> float:
     """Mean over rows of the fraction of the 2^b codes a row's quantized values use (in the
     transformed domain for BHQ): how much of the grid the quantizer puts to work."""
-    x = _rows(g)
-    b = _bits(bits)
-    if quantizer == "bhq":
-        gid, scale, v, vnorm2, _ = _bhq_plan(x, None)
-        x = _reflect(x * scale.unsqueeze(1), gid, v, vnorm2)
-    if quantizer not in QUANTIZERS:
-        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
-    lo, hi = _ranges(x, per_row=quantizer != "ptq")
-    _, codes = _sr_rows(x, lo, hi, b, generator)
-    used = torch.stack([torch.unique(row).numel() / torch.tensor(2.0 ** b) for row in codes])
-    return float(used.mean())
+    c = codes(g, bits, quantizer, generator)
+    used = [torch.unique(row).numel() for row in c]
+    return sum(used) / (len(used) * 2 ** _bits(bits))
 
 
 def variance_bound(g: torch.Tensor, bits: int, quantizer: str = "ptq") -> float:
@@ -438,13 +448,40 @@ def convert(model: nn.Module, mode: str = "fqt", quantizer: str = "psq",
 
 
 # ----------------------------------------------------------------------------- measurement
+def output_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """The output gradient ∇H of every FQT layer for the cross-entropy on (x, y), in QAT
+    mode (full precision) with BatchNorm in evaluation mode: the tensors FQT quantizes."""
+    grads: dict[str, torch.Tensor] = {}
+    hooks = [m.register_full_backward_hook(
+        lambda mod, gin, gout, name=n: grads.__setitem__(name, gout[0].detach().clone()))
+        for n, m in model.named_modules() if isinstance(m, _FQTLayer)]
+    layers = [m for m in model.modules() if isinstance(m, _FQTLayer)]
+    modes = [m.mode for m in layers]
+    was = model.training
+    try:
+        configure(model, mode="qat")
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # the first layer's input needs no gradient: fine
+            warnings.filterwarnings("ignore", "Full backward hook is firing")
+            loss_and_correct(model(x), y)[0].backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in zip(layers, modes):
+            m.mode = mode
+        model.train(was)
+    return {n: grads[n] for n, m in model.named_modules() if n in grads}
+
+
 def layer_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """The gradient of the cross-entropy on (x, y) for each FQT layer's weight (BatchNorm in
     evaluation mode, so that repeated draws see the same forward pass)."""
     was = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
+    loss_and_correct(model(x), y)[0].backward()
     model.train(was)
     return {n: m.weight.grad.detach().clone() for n, m in model.named_modules()
             if isinstance(m, _FQTLayer)}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["SmallCNN", "MLP", "ResNet20", "resnet20", "build_model"]
+__all__ = ["SmallCNN", "MLP", "ResNet20", "resnet20", "TinyTransformer", "build_model"]
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
@@ -99,6 +99,50 @@ class ResNet20(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.relu(self.bn(self.conv(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block; attention written with nn.Linear projections so that
+    every matrix product is a layer the quantizers can replace."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2))
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyTransformer(nn.Module):
+    """A small bidirectional transformer encoder that maps a token sequence to one
+    prediction per position (N, T) -> (N, T, vocab): nanoGPT's block without the mask."""
+
+    def __init__(self, vocab: int = 10, length: int = 12, dim: int = 32, heads: int = 4,
+                 layers: int = 2, out_vocab: int | None = None) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.zeros(length, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, out_vocab or vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] > self.pos.shape[0]:
+            raise ValueError(f"expected token ids of shape (N, T ≤ {self.pos.shape[0]}), "
+                             f"got {tuple(x.shape)}")
+        h = self.tok(x) + self.pos[: x.shape[1]]
+        return self.head(self.ln(self.blocks(h)))
 
 
 def resnet20(num_classes: int = 10) -> ResNet20:

@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from . import data, models, psgd as psgd_, quant, slb as slb_
+from . import data, fqt as fqt_, models, psgd as psgd_, quant, slb as slb_
 from .train import History, evaluate, fit, load_or_train, seed_everything
 
-__all__ = ["Recipe", "PSGDConfig", "Start", "SLBConfig", "train_slb", "loaders", "build", "train_fp", "train_qat", "finetune",
+__all__ = ["Recipe", "PSGDConfig", "Start", "SLBConfig", "train_slb", "train_fqt", "loaders", "build", "train_fp", "train_qat", "finetune",
            "l1_penalty"]
 
 
@@ -35,13 +35,18 @@ class Recipe:
 
 
 def loaders(r: Recipe):
-    """Train and test loaders of the recipe's data set and seed."""
+    """Train and test loaders of the recipe's data set and seed (``data="sort"``: the
+    sequence-sorting task of :func:`lowbit.data.sorting_task`)."""
+    if r.data == "sort":
+        return data.sorting_task(seed=r.seed, batch_size=r.batch_size)
     return data.get_loaders(r.data, r.batch_size, r.seed)
 
 
 def build(r: Recipe) -> nn.Module:
     """The recipe's untrained model, initialised from its seed."""
     seed_everything(r.seed)
+    if r.model == "transformer":
+        return models.TinyTransformer()
     return models.build_model(r.model, data.load_arrays(r.data, r.seed).input_shape)
 
 
@@ -230,3 +235,38 @@ def train_slb(r: Recipe, cfg: SLBConfig = SLBConfig(), progress: bool = True
 
     config = {"name": "slb", **asdict(r), "slb": asdict(cfg)}
     return load_or_train(config, make, run)
+
+
+def train_fqt(r: Recipe, mode: str = "fqt", quantizer: str = "psq", grad_bits: int = 8,
+              optimizer: str = "sgd", progress: bool = True) -> tuple[nn.Module, History]:
+    """Train (or load from the cache) the recipe's model from scratch with quantized
+    training: ``mode="qat"`` (8-bit forward, full-precision backward), ``"fqt"`` (also the
+    output gradients quantized by ``quantizer`` at ``grad_bits``), or ``"fp"`` (no
+    quantization at all, the baseline a reviewer asked for). ``optimizer``: SGD with the
+    recipe's momentum and weight decay, or Adam (for the transformer); cosine learning rate.
+    Stochastic rounding draws from a generator seeded with the recipe's seed."""
+    if mode not in ("fp", "qat", "fqt"):
+        raise ValueError(f"mode must be 'fp', 'qat' or 'fqt', got {mode!r}")
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    settings = {"mode": mode, "optimizer": optimizer}
+    if mode == "fqt":
+        settings.update(quantizer=quantizer, grad_bits=quant.check_bits(grad_bits, 1, 32))
+
+    def make() -> nn.Module:
+        m = build(r)
+        return m if mode == "fp" else fqt_.convert(m, mode, quantizer, grad_bits)
+
+    def run(model: nn.Module) -> History:
+        device = next(model.parameters()).device
+        fqt_.configure(model, generator=torch.Generator(device=device).manual_seed(r.seed))
+        opt = (torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum,
+                               weight_decay=r.weight_decay) if optimizer == "sgd"
+               else torch.optim.Adam(model.parameters(), lr=r.lr))
+        train_loader, test_loader = loaders(r)
+        seed_everything(r.seed)
+        name = mode.upper() + (f" {quantizer.upper()} {grad_bits}-bit" if mode == "fqt" else "")
+        return fit(model, train_loader, r.epochs, opt, test_loader, progress=progress,
+                   desc=name)
+
+    return load_or_train({"name": "fqt", **asdict(r), **settings}, make, run)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .data import atomic_save, data_dir, verified
 
 __all__ = ["seed_everything", "get_device", "History", "evaluate", "fit", "load_or_train",
+           "loss_and_correct",
            "config_key"]
 
 
@@ -60,6 +61,14 @@ class History:
         return cls(**d)
 
 
+def loss_and_correct(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy and number of correct predictions; (N, T, C) sequence outputs
+    count every position."""
+    if out.dim() == 3:
+        out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
+    return F.cross_entropy(out, y), int((out.argmax(1) == y).sum())
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | None = None
              ) -> tuple[float, float]:
@@ -70,10 +79,10 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | None = N
     loss, correct, n = 0.0, 0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        n += len(y)
+        batch_loss, batch_correct = loss_and_correct(model(x), y)
+        loss += batch_loss.item() * y.numel()
+        correct += batch_correct
+        n += y.numel()
     model.train(was_training)
     if n == 0:
         raise ValueError("evaluate() got an empty loader")
@@ -114,8 +123,7 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
         total, correct, n = 0.0, 0, 0
         for x, y in train_loader:
             x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss = F.cross_entropy(out, y)
+            loss, batch_correct = loss_and_correct(model(x), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training diverged at epoch {epoch}, step {step}: loss is {loss.item()}; "
@@ -130,9 +138,9 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
                 on_batch(x, y)
             if on_step is not None:
                 on_step(step)
-            total += loss.item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
-            n += len(y)
+            total += loss.item() * y.numel()
+            correct += batch_correct
+            n += y.numel()
         history.log(train_loss=total / n, train_acc=100.0 * correct / n)
         if test_loader is not None:
             tl, ta = evaluate(model, test_loader, device)
