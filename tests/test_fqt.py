@@ -150,3 +150,14 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="draws"):
         fqt.gradient_statistics(fqt.convert(SmallCNN()), torch.randn(2, 1, 28, 28),
                                 torch.tensor([0, 1]), "ptq", 4, draws=1)
+
+
+def test_fqt_linear_on_sequences_matches_qat_gradients_in_qat_mode():
+    from lowbit.models import TinyTransformer
+    torch.manual_seed(3)
+    base = TinyTransformer(vocab=5, length=6, dim=8, heads=2, layers=1)
+    x = torch.randint(0, 5, (4, 6))
+    q = fqt.convert(base, "qat")
+    q(x).sum().backward()
+    assert all(m.weight.grad is not None and m.bias.grad.shape == m.bias.shape
+               for m in q.modules() if isinstance(m, fqt.FQTLinear))

@@ -34,7 +34,7 @@ from .quant import check_bits, quantizable_layers, quantize_asymmetric, quantize
 from .train import loss_and_correct
 
 __all__ = ["QUANTIZERS", "quantize_gradient", "quantize_ptq", "quantize_psq", "quantize_bhq",
-           "householder", "bhq_transform", "codes", "bins_used", "output_gradients", "variance_bound", "FQTLinear",
+           "householder", "bhq_transform", "bhq_groups", "codes", "bins_used", "output_gradients", "variance_bound", "FQTLinear",
            "FQTConv2d", "convert", "configure", "layer_gradients", "gradient_statistics"]
 
 QUANTIZERS = ("ptq", "psq", "bhq")
@@ -216,6 +216,11 @@ def _bhq_plan(x: torch.Tensor, n_groups: int | None
             torch.from_numpy(v).to(dev, dt), torch.from_numpy(vnorm2).to(dev, dt), n_groups)
 
 
+def bhq_groups(g: torch.Tensor) -> int:
+    """How many groups BHQ forms for this gradient (as many as rows: BHQ is PSQ)."""
+    return _bhq_plan(_rows(g), None)[4]
+
+
 def _reflect(z: torch.Tensor, gid: torch.Tensor, v: torch.Tensor, vnorm2: torch.Tensor
              ) -> torch.Tensor:
     """Apply each group's Householder reflection H = I − 2vvᵀ/‖v‖² to the rows of ``z``."""
@@ -346,8 +351,7 @@ class _FQTFunction(torch.autograd.Function):
             g_act = g_wt = grad_out
         gx = layer._grad_input(xq.shape, wq, g_act) if ctx.needs_input_grad[0] else None
         gw = layer._grad_weight(xq, wq.shape, g_wt)
-        gb = g_wt.sum(dim=[d for d in range(g_wt.dim()) if d != 1]) \
-            if ctx.needs_input_grad[2] else None
+        gb = layer._grad_bias(g_wt) if ctx.needs_input_grad[2] else None
         return gx, gw, gb, None
 
 
@@ -380,6 +384,9 @@ class FQTLinear(_FQTLayer, nn.Linear):
     def _grad_weight(self, x, shape, g):
         return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
 
+    def _grad_bias(self, g):
+        return g.reshape(-1, g.shape[-1]).sum(0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _FQTFunction.apply(x, self.weight, self.bias, self)
 
@@ -402,6 +409,9 @@ class FQTConv2d(_FQTLayer, nn.Conv2d):
     def _grad_weight(self, x, shape, g):
         return torch.nn.grad.conv2d_weight(x, shape, g, self.stride, self.padding,
                                            self.dilation, self.groups)
+
+    def _grad_bias(self, g):
+        return g.sum(dim=(0, 2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _FQTFunction.apply(x, self.weight, self.bias, self)
