@@ -15,7 +15,7 @@ import torch
 
 from .quant import quantize_symmetric
 
-__all__ = ["median_time", "ratio", "bench_fake_quant", "BENCHMARKS", "main"]
+__all__ = ["median_time", "ratio", "train_step", "bench_fake_quant", "BENCHMARKS", "main"]
 
 
 def median_time(fn: Callable[[], object], repeats: int = 15, warmup: int = 3) -> float:
@@ -49,12 +49,17 @@ def bench_fake_quant(n: int = 16 * 2 ** 20, bits: int = 4) -> dict[str, float]:
             ratio(lambda: quantize_symmetric(x, bits), lambda: x.clone(), repeats=30)}
 
 
-def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
-                y: torch.Tensor) -> Callable[[], None]:
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, after: Callable[[], None] | None = None) -> Callable[[], None]:
+    """A function that runs one training step (forward, cross-entropy, backward, optimizer)
+    on the batch (x, y), then ``after()`` if given (SLB's second pass, say): what the
+    benchmarks and the chapters' timings time."""
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+        if after is not None:
+            after()
     return step
 
 
@@ -74,8 +79,8 @@ def bench_psgd() -> dict[str, float]:
         b.load_state_dict(a.state_dict())
         sgd = torch.optim.SGD(a.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         ps = PSGD(param_groups(b, bits=4), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        out[f"psgd_step_vs_sgd_{name}"] = ratio(_train_step(b, ps, x, y),
-                                                _train_step(a, sgd, x, y), repeats=30)
+        out[f"psgd_step_vs_sgd_{name}"] = ratio(train_step(b, ps, x, y),
+                                                train_step(a, sgd, x, y), repeats=30)
     return out
 
 
@@ -97,12 +102,8 @@ def bench_slb(bits: int = 2) -> dict[str, float]:
         qat, s = prepare_qat(base, bits), convert(base, bits)
         sgd = torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9)
         adam = torch.optim.Adam(s.parameters(), lr=0.01)
-        slb_step = _train_step(s, adam, x, y)
-
-        def step() -> None:
-            slb_step()
-            update_discrete_stats(s, x)
-        out[f"slb_step_vs_ste_qat_{name}_w{bits}"] = ratio(step, _train_step(qat, sgd, x, y),
+        step = train_step(s, adam, x, y, after=lambda: update_discrete_stats(s, x))
+        out[f"slb_step_vs_ste_qat_{name}_w{bits}"] = ratio(step, train_step(qat, sgd, x, y),
                                                            repeats=30)
         out[f"slb_param_memory_vs_ste_qat_{name}_w{bits}"] = (parameter_memory(s) /
                                                               parameter_memory(qat))
@@ -120,12 +121,12 @@ def bench_fqt(grad_bits: int = 4) -> dict[str, float]:
     x = torch.randn(32, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (32,), device=device)
     qat = convert(SmallCNN().to(device), "qat")
-    base = _train_step(qat, torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9), x, y)
+    base = train_step(qat, torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9), x, y)
     out = {}
     for q in ("ptq", "psq", "bhq"):
         m = convert(SmallCNN().to(device), "fqt", q, grad_bits)
         configure(m, generator=torch.Generator(device=device).manual_seed(0))
-        step = _train_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x, y)
+        step = train_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x, y)
         out[f"fqt_{q}_step_vs_qat_cnn"] = ratio(step, base, repeats=30)
     return out
 
