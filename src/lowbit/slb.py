@@ -30,7 +30,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
