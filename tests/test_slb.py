@@ -27,11 +27,13 @@ def test_value_set_has_2b_even_values_in_unit_interval(bits):
 def test_expectation_is_sum_p_v_and_argmax_is_discrete():
     torch.manual_seed(0)
     layer = slb.SLBLinear(5, 3, bits=2, temperature=0.7)
-    p = torch.softmax(layer.logits / 0.7, -1)
+    a = layer.logits.movedim(0, -1)  # one row of 4 logits per weight
+    p = torch.softmax(a / 0.7, -1)
     v = slb.value_set(2)
     manual = layer.alpha * (p * v).sum(-1)
     torch.testing.assert_close(layer.expected_weight(), manual)
-    torch.testing.assert_close(layer.discrete_weight(), layer.alpha * v[layer.logits.argmax(-1)])
+    torch.testing.assert_close(layer.discrete_weight(), layer.alpha * v[a.argmax(-1)])
+    assert layer.expected_weight().shape == (3, 5)
 
 
 def test_low_temperature_expectation_equals_argmax():

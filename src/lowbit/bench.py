@@ -101,7 +101,7 @@ def bench_slb(bits: int = 2) -> dict[str, float]:
         base = SmallCNN(widths=widths).to(device)
         qat, s = prepare_qat(base, bits), convert(base, bits)
         sgd = torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9)
-        adam = torch.optim.Adam(s.parameters(), lr=0.01)
+        adam = torch.optim.Adam(s.parameters(), lr=0.01, fused=True)  # as recipes.train_slb
         step = train_step(s, adam, x, y, after=lambda: update_discrete_stats(s, x))
         out[f"slb_step_vs_ste_qat_{name}_w{bits}"] = ratio(step, train_step(qat, sgd, x, y),
                                                            repeats=30)

@@ -97,24 +97,35 @@ class _SLBWeight(nn.Module):
             self.alpha = nn.Parameter(a0.clone())
         else:
             self.register_buffer("alpha", a0.clone())
-        logits = torch.randn(*shape, 2 ** self.bits)
+        # The value axis comes first, logits[i] holding every weight's logit for v_i: the
+        # softmax and the sum over a short leading axis run 6x faster than over a last
+        # axis of length 2^b (measured on the CPU).
+        logits = torch.randn(2 ** self.bits, *shape)
         if init == "nearest":
             # a logit margin of 2 for the nearest value, less for the others
-            dist = (weight.detach().cpu().reshape(*shape, 1) / a0 - self.values).abs()
+            vals = self.values.reshape(-1, *([1] * len(shape)))
+            dist = (weight.detach().cpu().unsqueeze(0) / a0 - vals).abs()
             logits = -dist * (2.0 / (self.values[1] - self.values[0]))
         self.logits = nn.Parameter(logits)
 
     def probabilities(self) -> torch.Tensor:
-        """P = softmax(A / τ) over the last axis (one distribution per weight)."""
-        return torch.softmax(self.logits / self.temperature, dim=-1)
+        """P = softmax(A / τ) over the value axis (the first): P[i] is every weight's
+        probability of v_i."""
+        return torch.softmax(self.logits / self.temperature, dim=0)
 
     def expected_weight(self) -> torch.Tensor:
         """The continuous weight W̃ = α Σ_i P_i v_i (paper eq. 6)."""
-        return self.alpha * (self.probabilities() @ self.values)
+        p = self.probabilities()
+        return self.alpha * (self.values @ p.reshape(len(self.values), -1)).reshape(p.shape[1:])
 
     def discrete_weight(self) -> torch.Tensor:
         """The discrete weight Ŵ = α v_argmax (what the exported model uses)."""
-        return self.alpha * self.values[self.logits.argmax(-1)]
+        return self.alpha * self.values[self.argmax()]
+
+    def argmax(self) -> torch.Tensor:
+        """Index of each weight's most probable value (``max(0).indices``: on the CPU
+        ``argmax(0)`` over the leading axis is 30x slower)."""
+        return self.logits.detach().max(0).indices
 
     def current_state(self) -> str:
         if self.state == "auto":
@@ -448,7 +459,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, state: State = "discrete
 def codes(layer: _SLBWeight) -> tuple[torch.Tensor, float]:
     """The layer's integer codes k ∈ {0 … 2^b − 1} (uint8) and the scale: weight
     = scale · (2k / (2^b − 1) − 1)."""
-    return layer.logits.argmax(-1).to(torch.uint8), float(layer.alpha)
+    return layer.argmax().to(torch.uint8), float(layer.alpha)
 
 
 @torch.no_grad()
