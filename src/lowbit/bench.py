@@ -111,23 +111,24 @@ def bench_slb(bits: int = 2) -> dict[str, float]:
 
 
 def bench_fqt(grad_bits: int = 4) -> dict[str, float]:
-    """A training step of the book's CNN with FQT (PSQ or BHQ gradients at ``grad_bits``,
-    weight gradients at 8 bits) against the same step with QAT (8-bit forward,
-    full-precision backward); and PTQ for reference. SGD, batch of 32 MNIST-sized images."""
+    """A training step with FQT (PTQ, PSQ or BHQ gradients at ``grad_bits``, weight gradients
+    at 8 bits) against the same step with QAT (8-bit forward, full-precision backward), on
+    the book's CNN and on the half-width one Part III trains. SGD, batch of 32 images."""
     from .fqt import configure, convert
     from .models import SmallCNN
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    x = torch.randn(32, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (32,), device=device)
-    qat = convert(SmallCNN().to(device), "qat")
-    base = train_step(qat, torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9), x, y)
     out = {}
-    for q in ("ptq", "psq", "bhq"):
-        m = convert(SmallCNN().to(device), "fqt", q, grad_bits)
-        configure(m, generator=torch.Generator(device=device).manual_seed(0))
-        step = train_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x, y)
-        out[f"fqt_{q}_step_vs_qat_cnn"] = ratio(step, base, repeats=30)
+    for name, widths in [("cnn", (16, 32)), ("cnn8", (8, 16))]:
+        torch.manual_seed(0)
+        x = torch.randn(32, 1, 28, 28, device=device)
+        y = torch.randint(0, 10, (32,), device=device)
+        qat = convert(SmallCNN(widths=widths).to(device), "qat")
+        base = train_step(qat, torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9), x, y)
+        for q in ("ptq", "psq", "bhq"):
+            m = convert(SmallCNN(widths=widths).to(device), "fqt", q, grad_bits)
+            configure(m, generator=torch.Generator(device=device).manual_seed(0))
+            step = train_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x, y)
+            out[f"fqt_{q}_step_vs_qat_{name}"] = ratio(step, base, repeats=30)
     return out
 
 
