@@ -84,6 +84,17 @@ def bench_psgd() -> dict[str, float]:
     return out
 
 
+#: The book's CNN and the half-width one that Parts II and III train, by bench name.
+CNNS = [("cnn", (16, 32)), ("cnn8", (8, 16))]
+
+
+def _mnist_batch(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random batch of 32 MNIST-shaped images and labels."""
+    torch.manual_seed(0)
+    return (torch.randn(32, 1, 28, 28, device=device),
+            torch.randint(0, 10, (32,), device=device))
+
+
 def bench_slb(bits: int = 2) -> dict[str, float]:
     """An SLB training step (expectation forward, backward, Adam on the logits, and the
     state-BN pass of the discrete network) against an STE-QAT step (SGD) at ``bits`` on the
@@ -94,10 +105,8 @@ def bench_slb(bits: int = 2) -> dict[str, float]:
     from .slb import convert, parameter_memory, update_discrete_stats
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
-    for name, widths in [("cnn", (16, 32)), ("cnn8", (8, 16))]:
-        torch.manual_seed(0)
-        x = torch.randn(32, 1, 28, 28, device=device)
-        y = torch.randint(0, 10, (32,), device=device)
+    for name, widths in CNNS:
+        x, y = _mnist_batch(device)
         base = SmallCNN(widths=widths).to(device)
         qat, s = prepare_qat(base, bits), convert(base, bits)
         sgd = torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9)
@@ -118,10 +127,8 @@ def bench_fqt(grad_bits: int = 4) -> dict[str, float]:
     from .models import SmallCNN
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
-    for name, widths in [("cnn", (16, 32)), ("cnn8", (8, 16))]:
-        torch.manual_seed(0)
-        x = torch.randn(32, 1, 28, 28, device=device)
-        y = torch.randint(0, 10, (32,), device=device)
+    for name, widths in CNNS:
+        x, y = _mnist_batch(device)
         qat = convert(SmallCNN(widths=widths).to(device), "qat")
         base = train_step(qat, torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9), x, y)
         for q in ("ptq", "psq", "bhq"):
