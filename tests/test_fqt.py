@@ -40,6 +40,45 @@ def test_nearest_rounding_is_biased_where_stochastic_is_not():
     assert abs(float(sr[:, 0, 5:].mean()) - 0.3) < 0.01
 
 
+def test_dither_is_uniform_on_the_midpoints_of_2_16_levels():
+    u = quant.dither(torch.empty(64, 1000), torch.Generator().manual_seed(0))
+    k = u * 2 ** quant.DITHER_BITS - 0.5  # the level of each draw
+    assert bool((k == k.round()).all()) and float(k.min()) >= 0 and float(k.max()) < 2 ** 16
+    assert abs(float(u.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / u.numel())  # 5 standard errors
+    # every one of the 16 bits of a level is a fair coin (the top ones included)
+    bits = torch.stack([(k.long() >> i) & 1 for i in range(16)]).float().mean((1, 2))
+    assert bool(((bits - 0.5).abs() < 0.01).all()), bits
+
+
+@pytest.mark.parametrize("frac", [0.3, 1 / 3, 0.999])
+def test_rounding_up_probability_is_the_fractional_part(frac):
+    # exactly: over all 2^16 levels, floor(t + u) rounds up for a share of them within
+    # 2^-17 of frac (the midpoint dither's worst case)
+    levels = (torch.arange(2 ** quant.DITHER_BITS, dtype=torch.float64) + 0.5) / 2 ** 16
+    share = float((torch.floor(3 + frac + levels) > 3).double().mean())
+    assert abs(share - frac) <= 2.0 ** -17
+
+
+def test_layer_workspace_gives_the_same_gradients_as_fresh_memory(monkeypatch):
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    base = SmallCNN(widths=(4, 8))
+    grads = []
+    for use_workspace in (True, False):
+        m = fqt.convert(base, "fqt", "psq", 4)
+        if not use_workspace:
+            for layer in m.modules():
+                if isinstance(layer, (fqt.FQTConv2d, fqt.FQTLinear)):
+                    monkeypatch.setattr(layer, "_work", lambda rows: None)
+        fqt.configure(m, generator=torch.Generator().manual_seed(3))
+        for _ in range(2):  # the second step reuses the workspace
+            m.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_psq_uses_per_row_ranges():
     g = torch.tensor([[0.0, 1.0, 0.5], [0.0, 100.0, 50.0]])
     q = fqt.quantize_psq(g, 8, torch.Generator().manual_seed(0))

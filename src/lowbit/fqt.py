@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import check_bits, quantizable_layers, quantize_asymmetric, quantize_symmetric, \
-    _set_module
+from .quant import check_bits, dither, quantizable_layers, quantize_asymmetric, \
+    quantize_symmetric, _set_module
 from .train import loss_and_correct
 
 __all__ = ["QUANTIZERS", "quantize_gradient", "quantize_ptq", "quantize_psq", "quantize_bhq",
@@ -43,7 +43,7 @@ QUANTIZERS = ("ptq", "psq", "bhq")
 # ----------------------------------------------------------------------------- checks
 def _rows(g: object, name: str = "gradient") -> torch.Tensor:
     """``g`` as an (N, D) matrix, one row per sample, after checking its type and shape
-    (finiteness is checked on the ranges, :func:`_check_range`, at no extra pass)."""
+    (finiteness is checked on the ranges, :func:`_check_span`, at no extra pass)."""
     if not isinstance(g, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(g).__name__}")
     if not g.is_floating_point():
@@ -53,10 +53,10 @@ def _rows(g: object, name: str = "gradient") -> torch.Tensor:
     return g.detach().reshape(g.shape[0], -1)
 
 
-def _check_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                 name: str = "gradient") -> None:
-    """NaN and ±inf reach the minimum or maximum, so finite ranges mean a finite tensor."""
-    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+def _check_span(x: torch.Tensor, span: torch.Tensor, name: str = "gradient") -> None:
+    """NaN and ±inf reach the minimum or maximum, and then the widest range, so a finite
+    widest range means a finite tensor (one reduction over the ranges, one sync)."""
+    if not math.isfinite(float(span.amax())):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or ±inf); "
                          "training has diverged before the gradient was quantized")
@@ -64,10 +64,12 @@ def _check_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
 
 def _ranges(x: torch.Tensor, per_row: bool, name: str = "gradient"
             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi − lo) of each row of ``x`` (shaped (N, 1)), or of the whole tensor, checked."""
     # (amin and amax separately: aminmax along a dimension is 8x slower on the CPU)
     lo, hi = (x.amin(1, keepdim=True), x.amax(1, keepdim=True)) if per_row else torch.aminmax(x)
-    _check_range(x, lo, hi, name)
-    return lo, hi
+    span = hi - lo
+    _check_span(x, span, name)
+    return lo, span
 
 
 def _bits(bits: object) -> int:
@@ -75,68 +77,88 @@ def _bits(bits: object) -> int:
 
 
 # ----------------------------------------------------------------------------- quantizers
-def _uniform(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+class _Workspace:
+    """Memory that one layer's FQT backward reuses from step to step, for a gradient shaped
+    like ``like``. On a CPU, fresh memory for each temporary costs about as much as the
+    arithmetic on it (the system hands it out page by page); on a GPU, PyTorch's caching
+    allocator already reuses memory, so layers keep none there (:meth:`_FQTLayer._work`)."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.key = (like.shape, like.dtype, like.device)
+        self.random = torch.empty((like.numel() + 3) // 4, dtype=torch.int64,
+                                  device=like.device)
+        self.u, self.d, self.q = (torch.empty_like(like) for _ in range(3))
 
 
-def _sr_rows(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
-             generator: torch.Generator | None, u: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stochastic rounding of each row of ``x`` on the grid of 2^b codes spanning its
-    [lo, hi] (broadcast). No zero point and no clipping, so E[x̂] = x exactly. ``u`` is the
-    uniform draw (made here when not given). Returns (dequantized, integer codes)."""
-    return _sr_unit(_unit(x, lo, hi), lo, hi, bits, _uniform(x, generator) if u is None else u)
+def _uniform(x: torch.Tensor, generator: torch.Generator | None,
+             work: _Workspace | None = None) -> torch.Tensor:
+    """The stochastic-rounding dither for ``x`` (:func:`lowbit.quant.dither`), in the
+    workspace's memory if given."""
+    if work is None:
+        return dither(x, generator)
+    return dither(x, generator, random=work.random, out=work.u)
 
 
-def _unit(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """(x − lo) / (hi − lo), in [0, 1] (0 where the range is empty)."""
-    span = hi - lo
-    return torch.sub(x, lo).div_(torch.where(span > 0, span, torch.ones_like(span)))
-
-
-def _sr_unit(z: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, u: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes floor(z·B + u) (clamped: in float32, B + u may round up to B + 1) and their
-    values lo + code·(hi − lo)/B."""
+def _sr_codes(d: torch.Tensor, span: torch.Tensor, bits: int, u: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Stochastic rounding of the offsets d = x − lo ∈ [0, span] to the codes 0 … B,
+    B = 2^b − 1: floor(d·B/span + u). A code is rounded up with probability equal to the
+    fractional part of d·B/span, so E[code] = d·B/span — no zero point, no clipping.
+    (Clamped: in float32, B + u may round up to B + 1. Ranges below B times the smallest
+    normal float, empty ones included, are rounded as if they were that wide.) Written
+    into ``out`` if given (``d`` itself, say: no new memory)."""
     big_b = 2 ** bits - 1
-    codes = torch.add(u, z, alpha=big_b).floor_().clamp_(0, big_b)
-    return codes.mul((hi - lo) / big_b).add_(lo), codes
+    per_code = big_b / span.clamp(min=big_b * torch.finfo(d.dtype).tiny)
+    return torch.addcmul(u, d, per_code, out=out).floor_().clamp_(0, big_b)
+
+
+def _dequantize(codes: torch.Tensor, lo: torch.Tensor, span: torch.Tensor, bits: int
+                ) -> torch.Tensor:
+    """The values lo + code·span/B of the codes, in place."""
+    return codes.mul_(span / (2 ** bits - 1)).add_(lo)
 
 
 def _quantize_many(x: torch.Tensor, bits: tuple[int, ...], quantizer: str,
                    generator: torch.Generator | None, n_groups: int | None = None,
-                   u: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Quantize the rows ``x`` at each of ``bits`` with one range computation, one BHQ
-    transform and one uniform draw (shared: each result is still unbiased, and the random
-    numbers — the largest cost on a CPU — are drawn once)."""
-    if quantizer not in QUANTIZERS:
-        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
-    bits = tuple(_bits(b) for b in bits)
+                   u: torch.Tensor | None = None, work: _Workspace | None = None
+                   ) -> list[torch.Tensor]:
+    """Quantize the rows ``x`` at each of ``bits`` (checked by the caller) with one range
+    computation, one BHQ transform and one uniform draw ``u`` (made here when not given;
+    shared, each result is still unbiased, and the random numbers — the largest cost on a
+    CPU — are drawn once). With a workspace (PTQ and PSQ), the results live in it and are
+    valid until its next use."""
     if quantizer == "bhq":
         gid, scale, v, vnorm2, _ = _bhq_plan(x, n_groups)
         y = _reflect(x * scale.unsqueeze(1), gid, v, vnorm2)
-        lo, hi = y.amin(1, keepdim=True), y.amax(1, keepdim=True)
-    else:
+        lo = y.amin(1, keepdim=True)
+        span = y.amax(1, keepdim=True) - lo
+        work = None
+    elif quantizer in ("ptq", "psq"):
         y = x
-        lo, hi = _ranges(x, per_row=quantizer == "psq")
-    z = _unit(y, lo, hi)
-    u = _uniform(y, generator) if u is None else u
-    out = [_sr_unit(z, lo, hi, b, u)[0] for b in bits]
+        lo, span = _ranges(x, per_row=quantizer == "psq")
+    else:
+        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+    d = torch.sub(y, lo, out=None if work is None else work.d)
+    u = _uniform(y, generator, work) if u is None else u
+    # Each result in new memory (or the workspace's), the last one in d's.
+    outs = [work.q if work is not None and i == 0 else None for i in range(len(bits) - 1)]
+    outs.append(d)
+    q = [_dequantize(_sr_codes(d, span, b, u, out=o), lo, span, b) for b, o in zip(bits, outs)]
     if quantizer == "bhq":
-        out = [_reflect(q, gid, v, vnorm2).div_(scale.unsqueeze(1)) for q in out]
-    return out
+        q = [_reflect(qb, gid, v, vnorm2).div_(scale.unsqueeze(1)) for qb in q]
+    return q
 
 
 def quantize_ptq(g: torch.Tensor, bits: int, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
     """Per-tensor quantizer: one range for the whole gradient, stochastic rounding."""
-    return _quantize_many(_rows(g), (bits,), "ptq", generator)[0].reshape(g.shape)
+    return _quantize_many(_rows(g), (_bits(bits),), "ptq", generator)[0].reshape(g.shape)
 
 
 def quantize_psq(g: torch.Tensor, bits: int, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
     """Per-sample quantizer: one range per row (sample), stochastic rounding."""
-    return _quantize_many(_rows(g), (bits,), "psq", generator)[0].reshape(g.shape)
+    return _quantize_many(_rows(g), (_bits(bits),), "psq", generator)[0].reshape(g.shape)
 
 
 def householder(size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -181,8 +203,7 @@ def _bhq_plan(x: torch.Tensor, n_groups: int | None
     """Everything BHQ needs to transform the rows of ``x``: per row its group id, scale s,
     reflection vector entry v, and per group ‖v‖² (see :func:`bhq_transform`)."""
     n = x.shape[0]
-    lo, hi = _ranges(x, per_row=True)
-    rng = (hi - lo).flatten().double().cpu().numpy()
+    rng = _ranges(x, per_row=True)[1].flatten().double().cpu().numpy()
     order = np.argsort(-rng, kind="stable")
     if n_groups is None:  # the count among 1, 2, 4, … whose variance proxy is smallest
         best = None
@@ -256,13 +277,14 @@ def quantize_bhq(g: torch.Tensor, bits: int, generator: torch.Generator | None =
                  n_groups: int | None = None) -> torch.Tensor:
     """Block Householder quantizer: T⁻¹ · PSQ(T · ∇H) with T from :func:`bhq_transform`.
     Unbiased, because T does not depend on the random draw."""
-    return _quantize_many(_rows(g), (bits,), "bhq", generator, n_groups)[0].reshape(g.shape)
+    return _quantize_many(_rows(g), (_bits(bits),), "bhq", generator, n_groups
+                          )[0].reshape(g.shape)
 
 
 def quantize_gradient(g: torch.Tensor, bits: int, quantizer: str = "ptq",
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Quantize a gradient with ``quantizer`` (``"ptq"``, ``"psq"`` or ``"bhq"``)."""
-    return _quantize_many(_rows(g), (bits,), quantizer, generator)[0].reshape(g.shape)
+    return _quantize_many(_rows(g), (_bits(bits),), quantizer, generator)[0].reshape(g.shape)
 
 
 @torch.no_grad()
@@ -277,8 +299,8 @@ def codes(g: torch.Tensor, bits: int, quantizer: str = "ptq",
     if quantizer == "bhq":
         gid, scale, v, vnorm2, _ = _bhq_plan(x, None)
         x = _reflect(x * scale.unsqueeze(1), gid, v, vnorm2)
-    lo, hi = _ranges(x, per_row=quantizer != "ptq")
-    return _sr_rows(x, lo, hi, b, generator)[1]
+    lo, span = _ranges(x, per_row=quantizer != "ptq")
+    return _sr_codes(x - lo, span, b, _uniform(x, generator))
 
 
 @torch.no_grad()
@@ -299,11 +321,9 @@ def variance_bound(g: torch.Tensor, bits: int, quantizer: str = "ptq") -> float:
     big_b = 2 ** _bits(bits) - 1
     n, d = x.shape
     if quantizer == "ptq":
-        lo, hi = _ranges(x, per_row=False)
-        return n * d * float(hi - lo) ** 2 / (4 * big_b ** 2)
+        return n * d * float(_ranges(x, per_row=False)[1]) ** 2 / (4 * big_b ** 2)
     if quantizer == "psq":
-        lo, hi = _ranges(x, per_row=True)
-        return float((d * (hi - lo) ** 2).sum()) / (4 * big_b ** 2)
+        return float((d * _ranges(x, per_row=True)[1] ** 2).sum()) / (4 * big_b ** 2)
     raise ValueError(f"the bound is for 'ptq' or 'psq', got {quantizer!r}")
 
 
@@ -334,17 +354,18 @@ class _FQTFunction(torch.autograd.Function):
             # skipped when no input gradient is needed (the first layer); BHQ's 8-bit copy
             # for ∇W is per sample: at 8 bits the transform is not worth its cost.
             rows = _rows(grad_out, "output gradient")
-            u = _uniform(rows, layer.generator)
-            need_x = ctx.needs_input_grad[0]
-            if layer.quantizer == "bhq":
-                q_wt = _quantize_many(rows, (8,), "psq", None, u=u)[0]
-                q_act = _quantize_many(rows, (layer.grad_bits,), "bhq", None, u=u)[0] \
-                    if need_x else None
-            elif need_x:
-                q_act, q_wt = _quantize_many(rows, (layer.grad_bits, 8), layer.quantizer,
-                                             None, u=u)
+            work = layer._work(rows)
+            u = _uniform(rows, layer.generator, work)
+            b, q = _bits(layer.grad_bits), layer.quantizer
+            if not ctx.needs_input_grad[0]:
+                q_act = None
+                q_wt = _quantize_many(rows, (8,), "psq" if q == "bhq" else q, None, u=u,
+                                      work=work)[0]
+            elif q == "bhq":
+                q_act = _quantize_many(rows, (b,), "bhq", None, u=u)[0]
+                q_wt = _quantize_many(rows, (8,), "psq", None, u=u, work=work)[0]
             else:
-                q_act, q_wt = None, _quantize_many(rows, (8,), layer.quantizer, None, u=u)[0]
+                q_act, q_wt = _quantize_many(rows, (b, 8), q, None, u=u, work=work)
             g_wt = q_wt.reshape(grad_out.shape)
             g_act = q_act.reshape(grad_out.shape) if q_act is not None else None
         else:
@@ -361,6 +382,16 @@ class _FQTLayer:
     def _set_fqt(self, mode: str, quantizer: str, grad_bits: int) -> None:
         configure(self, mode, quantizer, grad_bits)
         self.generator: torch.Generator | None = None
+        self._workspace: _Workspace | None = None
+
+    def _work(self, rows: torch.Tensor) -> _Workspace | None:
+        """The backward's reusable memory for output gradients shaped like ``rows`` (CPU)."""
+        if rows.device.type != "cpu":
+            return None
+        if self._workspace is None or self._workspace.key != (rows.shape, rows.dtype,
+                                                              rows.device):
+            self._workspace = _Workspace(rows)
+        return self._workspace
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", mode={self.mode}, quantizer={self.quantizer}, "

@@ -251,7 +251,8 @@ def train_fqt(r: Recipe, mode: str = "fqt", quantizer: str = "psq", grad_bits: i
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     settings = {"mode": mode, "optimizer": optimizer}
     if mode == "fqt":
-        settings.update(quantizer=quantizer, grad_bits=quant.check_bits(grad_bits, 1, 32))
+        settings.update(quantizer=quantizer, grad_bits=quant.check_bits(grad_bits, 1, 32),
+                        dither_bits=quant.DITHER_BITS)  # the rounding's random numbers
 
     def make() -> nn.Module:
         m = build(r)
