@@ -2,11 +2,12 @@
 per figure. Every figure is a ratio of two timings taken in the same run, so it
 compares like with like on whatever machine runs it.
 
-Timings are medians over repeats after a warm-up.
+Timings are taken after a warm-up, in pairs of back-to-back calls (see :func:`ratio`).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from typing import Callable
@@ -34,19 +35,38 @@ def median_time(fn: Callable[[], object], repeats: int = 15, warmup: int = 3) ->
 
 
 def ratio(fn: Callable[[], object], baseline: Callable[[], object], repeats: int = 15) -> float:
-    """time(fn) / time(baseline), measured interleaved in one run."""
-    a, b = [], []
-    for _ in range(3):  # interleave to share any drift in machine load
-        a.append(median_time(fn, repeats // 3 or 1))
-        b.append(median_time(baseline, repeats // 3 or 1))
-    return statistics.median(a) / statistics.median(b)
+    """time(fn) / time(baseline), measured in one run: the median over ``repeats`` pairs of
+    back-to-back calls (in alternating order) of the ratio within the pair, after a warm-up
+    and with the garbage collector off, as in ``timeit``. A pair shares the machine's
+    momentary load, so the ratio is steadier than the ratio of two separate medians."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(3):
+        fn()
+        baseline()
+    sync()
+    ratios = []
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(repeats):
+            times = {}
+            for f in ((fn, baseline) if i % 2 == 0 else (baseline, fn)):
+                t0 = time.perf_counter()
+                f()
+                sync()
+                times[f] = time.perf_counter() - t0
+            ratios.append(times[fn] / times[baseline])
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return statistics.median(ratios)
 
 
 def bench_fake_quant(n: int = 16 * 2 ** 20, bits: int = 4) -> dict[str, float]:
     """Per-tensor fake-quantize of an n-element tensor against ``x.clone()``."""
     x = torch.randn(n, device="cuda" if torch.cuda.is_available() else "cpu")
     return {"fake_quant_per_tensor_vs_clone":
-            ratio(lambda: quantize_symmetric(x, bits), lambda: x.clone(), repeats=30)}
+            ratio(lambda: quantize_symmetric(x, bits), lambda: x.clone(), repeats=60)}
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
@@ -80,7 +100,7 @@ def bench_psgd() -> dict[str, float]:
         sgd = torch.optim.SGD(a.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         ps = PSGD(param_groups(b, bits=4), lr=0.01, momentum=0.9, weight_decay=5e-4)
         out[f"psgd_step_vs_sgd_{name}"] = ratio(train_step(b, ps, x, y),
-                                                train_step(a, sgd, x, y), repeats=30)
+                                                train_step(a, sgd, x, y), repeats=60)
     return out
 
 
@@ -113,7 +133,7 @@ def bench_slb(bits: int = 2) -> dict[str, float]:
         adam = torch.optim.Adam(s.parameters(), lr=0.01, fused=True)  # as recipes.train_slb
         step = train_step(s, adam, x, y, after=lambda: update_discrete_stats(s, x))
         out[f"slb_step_vs_ste_qat_{name}_w{bits}"] = ratio(step, train_step(qat, sgd, x, y),
-                                                           repeats=30)
+                                                           repeats=60)
         out[f"slb_param_memory_vs_ste_qat_{name}_w{bits}"] = (parameter_memory(s) /
                                                               parameter_memory(qat))
     return out
@@ -135,7 +155,7 @@ def bench_fqt(grad_bits: int = 4) -> dict[str, float]:
             m = convert(SmallCNN(widths=widths).to(device), "fqt", q, grad_bits)
             configure(m, generator=torch.Generator(device=device).manual_seed(0))
             step = train_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x, y)
-            out[f"fqt_{q}_step_vs_qat_{name}"] = ratio(step, base, repeats=30)
+            out[f"fqt_{q}_step_vs_qat_{name}"] = ratio(step, base, repeats=60)
     return out
 
 
