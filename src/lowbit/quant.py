@@ -173,8 +173,7 @@ def quantize_symmetric(w: torch.Tensor, bits: int, per_channel: bool = False, ax
     if rounding == "nearest":
         y.round_()
     else:
-        y.add_(torch.rand(y.shape, generator=generator, device=y.device, dtype=y.dtype))
-        y.floor_()
+        y.add_(dither(y, generator)).floor_()
     return y.clamp_(-qmax, qmax).mul_(delta)
 
 
