@@ -59,7 +59,24 @@ def test_rounding_up_probability_is_the_fractional_part(frac):
     assert abs(share - frac) <= 2.0 ** -17
 
 
-def test_layer_workspace_gives_the_same_gradients_as_fresh_memory(monkeypatch):
+@pytest.mark.skipif(fqt._fused is None, reason="numba is not installed")
+@pytest.mark.parametrize("quantizer", ["ptq", "psq"])
+@pytest.mark.parametrize("bits", [(4, 8), (8,), (2, 8)])
+def test_compiled_loop_gives_the_numbers_of_the_torch_operations(quantizer, bits):
+    x = torch.randn(32, 500, generator=torch.Generator().manual_seed(0))
+    x *= torch.logspace(-8, 3, 32).unsqueeze(1)  # rows from tiny to large ranges
+    x[3] = 0.5  # and an empty one
+    fused = fqt._quantize_fused(x, bits, quantizer, torch.Generator().manual_seed(1),
+                                fqt._Workspace(x))
+    ops = fqt._quantize_many(x, bits, quantizer, torch.Generator().manual_seed(1))
+    for a, b in zip(fused, ops):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["compiled loop", "torch operations"])
+def test_layer_workspace_gives_the_same_gradients_as_fresh_memory(monkeypatch, path):
+    if path == "torch operations":
+        monkeypatch.setattr(fqt, "_fused", None)
     torch.manual_seed(0)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     base = SmallCNN(widths=(4, 8))

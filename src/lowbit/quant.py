@@ -27,7 +27,7 @@ Rounding = Literal["nearest", "stochastic"]
 
 __all__ = [
     "check_bits", "check_tensor", "signed_levels", "symmetric_scale", "symmetric_grid",
-    "DITHER_BITS", "dither", "round_stochastic", "quantize_symmetric", "binarize", "quantize_even",
+    "DITHER_BITS", "DITHER_HALF", "dither_levels", "dither", "round_stochastic", "quantize_symmetric", "binarize", "quantize_even",
     "quantize_activations", "quantize_unsigned", "quantize_asymmetric",
     "FakeQuantSTE", "fake_quantize_ste", "QuantConv2d", "QuantLinear", "ActQuant",
     "prepare_qat", "quantize_model", "quantizable_layers", "layer_bits", "model_size_bits", "quantization_mse",
@@ -120,6 +120,20 @@ def symmetric_grid(delta: float | torch.Tensor, bits: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- rounding
 #: Resolution of the dither u in stochastic rounding: 2^16 levels, four to a 64-bit draw.
 DITHER_BITS = 16
+#: u = DITHER_HALF + k·2^-16 for the int16 level k (:func:`dither_levels`): (k + 2^15 + ½)/2^16.
+DITHER_HALF = 0.5 + 2.0 ** -(DITHER_BITS + 1)
+
+
+def dither_levels(like: torch.Tensor, generator: torch.Generator | None = None,
+                  random: torch.Tensor | None = None) -> torch.Tensor:
+    """The random part of :func:`dither`: int16 levels k − 2^15, uniform on −2^15 … 2^15 − 1,
+    shaped like ``like``, cut four to a 64-bit random draw (in ``random``, an int64 tensor
+    of at least numel/4 entries, when given: no new memory)."""
+    n = like.numel()
+    if random is None:
+        random = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
+    random.random_(-2 ** 63, None, generator=generator)  # all 64 bits uniform
+    return random.view(torch.int16)[:n].view(like.shape)
 
 
 def dither(like: torch.Tensor, generator: torch.Generator | None = None, *,
@@ -131,14 +145,10 @@ def dither(like: torch.Tensor, generator: torch.Generator | None = None, *,
     midpoints keep the error symmetric; for t ≥ 128, where float32 rounds t + u to steps
     of 2^-16, within 2^-16): unbiased to float32 precision. ``torch.rand`` (one 32-bit draw
     and a float conversion per value) costs 2–3× more on a CPU, where the random numbers
-    are the largest cost of stochastic rounding. ``random`` (int64, at least numel/4
-    entries) and ``out`` let a caller reuse memory."""
-    n = like.numel()
-    if random is None:
-        random = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
-    random.random_(-2 ** 63, None, generator=generator)  # all 64 bits uniform
-    k = random.view(torch.int16)[:n].view(like.shape)    # −2^15 … 2^15 − 1
-    half = torch.full((), 0.5 + 2.0 ** -(DITHER_BITS + 1), dtype=like.dtype, device=like.device)
+    are the largest cost of stochastic rounding. ``random`` (see :func:`dither_levels`) and
+    ``out`` let a caller reuse memory."""
+    k = dither_levels(like, generator, random)
+    half = torch.full((), DITHER_HALF, dtype=like.dtype, device=like.device)
     return torch.add(half, k, alpha=2.0 ** -DITHER_BITS, out=out)
 
 
