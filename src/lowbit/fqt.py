@@ -18,6 +18,10 @@ tensor, a bit-width and an optional ``torch.Generator``, returning the dequantiz
 - :func:`quantize_bhq` — block Householder: rows sorted by magnitude, each large row grouped
   with small rows, scaled and reflected so that its energy is spread over its group, then
   quantized per row and transformed back (:func:`bhq_transform`).
+
+Speed on a CPU: the random numbers are a 16-bit dither (:func:`lowbit.quant.dither`); in a
+layer's backward, PTQ and PSQ run as one loop compiled with numba (:func:`_sr_rows_loop`),
+bit for bit the numbers of the torch operations, in memory the layer keeps between steps.
 """
 from __future__ import annotations
 
@@ -118,7 +122,7 @@ def _dequantize(codes: torch.Tensor, lo: torch.Tensor, span: torch.Tensor, bits:
     return codes.mul_(span * (1.0 / (2 ** bits - 1))).add_(lo)
 
 
-def _sr_rows_loop(x, k, lo, span, big_a, big_b, out_a, out_b):  # pragma: no cover (numba)
+def _sr_rows_loop(x, k, lo, span, big_a, big_b, out_a, out_b):
     """:func:`_sr_codes` and :func:`_dequantize` for every row of the float32 matrix ``x``
     at one or two bit-widths (B = ``big_a``, and ``big_b`` unless it is 0), with the dither
     of the int16 levels ``k`` (:func:`lowbit.quant.dither`) — the same float32 operations in
