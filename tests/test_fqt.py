@@ -50,6 +50,15 @@ def test_dither_is_uniform_on_the_midpoints_of_2_16_levels():
     assert bool(((bits - 0.5).abs() < 0.01).all()), bits
 
 
+def test_dither_bad_input():
+    with pytest.raises(ValueError, match="floating-point"):
+        quant.dither(torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="floating-point"):
+        quant.dither("x")
+    with pytest.raises(ValueError, match="at least 3 entries"):
+        quant.dither(torch.empty(10), random=torch.empty(1, dtype=torch.int64))
+
+
 @pytest.mark.parametrize("frac", [0.3, 1 / 3, 0.999])
 def test_rounding_up_probability_is_the_fractional_part(frac):
     # exactly: over all 2^16 levels, floor(t + u) rounds up for a share of them within

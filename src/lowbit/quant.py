@@ -129,9 +129,16 @@ def dither_levels(like: torch.Tensor, generator: torch.Generator | None = None,
     """The random part of :func:`dither`: int16 levels k − 2^15, uniform on −2^15 … 2^15 − 1,
     shaped like ``like``, cut four to a 64-bit random draw (in ``random``, an int64 tensor
     of at least numel/4 entries, when given: no new memory)."""
+    if not isinstance(like, torch.Tensor) or not like.is_floating_point():
+        raise ValueError("the dither is shaped like a floating-point tensor, got "
+                         + (f"dtype {like.dtype}" if isinstance(like, torch.Tensor)
+                            else type(like).__name__))
     n = like.numel()
     if random is None:
         random = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
+    elif random.dtype != torch.int64 or random.numel() < (n + 3) // 4:
+        raise ValueError(f"random must be an int64 tensor of at least {(n + 3) // 4} entries "
+                         f"for {n} values, got {random.dtype} with {random.numel()}")
     random.random_(-2 ** 63, None, generator=generator)  # all 64 bits uniform
     return random.view(torch.int16)[:n].view(like.shape)
 
