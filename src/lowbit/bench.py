@@ -19,17 +19,22 @@ from .quant import quantize_symmetric
 __all__ = ["median_time", "ratio", "train_step", "bench_fake_quant", "BENCHMARKS", "main"]
 
 
+def _sync() -> None:
+    """Wait for queued CUDA work, so that a timing covers it (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_time(fn: Callable[[], object], repeats: int = 15, warmup: int = 3) -> float:
     """Median wall time of ``fn()`` in seconds (CUDA work is synchronized)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
-    sync()
+    _sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        sync()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -39,11 +44,10 @@ def ratio(fn: Callable[[], object], baseline: Callable[[], object], repeats: int
     back-to-back calls (in alternating order) of the ratio within the pair, after a warm-up
     and with the garbage collector off, as in ``timeit``. A pair shares the machine's
     momentary load, so the ratio is steadier than the ratio of two separate medians."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(3):
         fn()
         baseline()
-    sync()
+    _sync()
     ratios = []
     gc_was_on = gc.isenabled()
     gc.disable()
@@ -53,7 +57,7 @@ def ratio(fn: Callable[[], object], baseline: Callable[[], object], repeats: int
             for f in ((fn, baseline) if i % 2 == 0 else (baseline, fn)):
                 t0 = time.perf_counter()
                 f()
-                sync()
+                _sync()
                 times[f] = time.perf_counter() - t0
             ratios.append(times[fn] / times[baseline])
     finally:

@@ -27,7 +27,8 @@ Rounding = Literal["nearest", "stochastic"]
 
 __all__ = [
     "check_bits", "check_tensor", "signed_levels", "symmetric_scale", "symmetric_grid",
-    "DITHER_BITS", "DITHER_HALF", "dither_levels", "dither", "round_stochastic", "quantize_symmetric", "binarize", "quantize_even",
+    "DITHER_BITS", "DITHER_HALF", "dither_levels", "dither", "round_stochastic",
+    "quantize_symmetric", "binarize", "quantize_even",
     "quantize_activations", "quantize_unsigned", "quantize_asymmetric",
     "FakeQuantSTE", "fake_quantize_ste", "QuantConv2d", "QuantLinear", "ActQuant",
     "prepare_qat", "quantize_model", "quantizable_layers", "layer_bits", "model_size_bits", "quantization_mse",
