@@ -1,4 +1,8 @@
 import pytest
+import torch
+
+# as the book's notebooks run (lowbit.book.setup): subnormal floats slow CPU kernels ~10x
+torch.set_flush_denormal(True)
 
 
 @pytest.fixture

@@ -51,6 +51,35 @@ window.addEventListener("load", function () {
 """
 
 
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tarball into ``dest``, refusing members that would land outside it, links
+    and device files. Uses tarfile's ``filter="data"`` where the running Python has it
+    (3.11.4+, 3.10.12+) and the same checks by hand where it does not (Debian's 3.11.2)."""
+    dest = Path(dest).resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as t:
+        if hasattr(tarfile, "data_filter"):
+            t.extractall(dest, filter="data")
+            return
+        members = t.getmembers()
+        for m in members:
+            target = (dest / m.name).resolve()
+            if not (m.isfile() or m.isdir()):
+                raise RuntimeError(f"{archive.name}: refusing {m.name!r} (not a plain file "
+                                   "or folder)")
+            if target != dest and dest not in target.parents:
+                raise RuntimeError(f"{archive.name}: refusing {m.name!r} (outside {dest})")
+        for m in members:
+            target = (dest / m.name).resolve()
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with t.extractfile(m) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+            target.chmod(0o644)
+
+
 def _fetch(dest: Path) -> None:
     """Unpack the files named in PACKAGES into ``dest``."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,8 +90,7 @@ def _fetch(dest: Path) -> None:
                                  text=True, timeout=300)
             tgz = tmp_path / out.stdout.strip().splitlines()[-1]
             unpacked = tmp_path / tgz.stem
-            with tarfile.open(tgz) as t:
-                t.extractall(unpacked, filter="data")
+            safe_extract(tgz, unpacked)
             pkg = unpacked / "package"
             for pattern, target in files.items():
                 matches = sorted(pkg.glob(pattern))
@@ -88,7 +116,7 @@ def configure(app: Sphinx, config: Config) -> None:
             return
         try:
             _fetch(dest)
-        except (subprocess.SubprocessError, OSError, RuntimeError) as e:
+        except Exception as e:  # any failure here takes the CDN fallback, never stops the build
             logger.info(f"vendor JS: fetching with npm failed ({e}); widgets and math load "
                         "their JavaScript from CDNs instead")
             return

@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
     torch.manual_seed(0)
+    torch.set_flush_denormal(True)  # as the book's notebooks run (lowbit.book.setup)
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}"
           f" ({torch.get_num_threads()} threads)")
     for name in args.only or BENCHMARKS:

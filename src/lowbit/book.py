@@ -1,8 +1,17 @@
-"""Helpers for the book's notebooks: one call to set a notebook up, and a way to show
-the library's own code in the text (d2l's habit) instead of copying it."""
+"""Helpers for the book's notebooks: one call to set a notebook up, the seeds a page runs,
+a way to assert a claim with its margin, and a way to show the library's own code in the
+text (d2l's habit) instead of copying it.
+
+Two environment variables perturb every page, so that the book's claims are tested as
+claims about the methods and not about where one machine's floats fell:
+
+- ``LOWBIT_SEED``: an integer added to every seed the book uses (default 0);
+- ``LOWBIT_THREADS``: the CPU thread count torch and numba are pinned to (default 2).
+"""
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import platform
 
@@ -11,29 +20,85 @@ import torch
 from .plots import use_notebook_renderer
 from .train import get_device, seed_everything
 
-__all__ = ["setup", "show_source", "FULL"]
+__all__ = ["setup", "seeds", "claim", "show_source", "FULL", "SEED_OFFSET", "THREADS"]
 
 #: ``LOWBIT_FULL=1`` in the environment runs the chapters at full size (for a GPU);
 #: by default they use settings that run on two CPU cores in about a minute.
 FULL = os.environ.get("LOWBIT_FULL", "") not in ("", "0")
 
 
-#: CPU results depend on the number of threads (the order of floating-point sums), so
-#: the notebooks pin it: the book's numbers, and the claims asserted on them, are
-#: reproduced exactly by any CPU run with this many threads.
-THREADS = 2
+def _env_int(name: str, default: int, low: int, high: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer from {low} to {high}, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value}")
+    return value
+
+
+#: ``LOWBIT_SEED``: added to every seed the book uses (0 by default).
+SEED_OFFSET = _env_int("LOWBIT_SEED", 0, 0, 2**31 - 1000)
+
+#: CPU results depend on the number of threads (the order of floating-point sums), so the
+#: notebooks pin it (``LOWBIT_THREADS``, 2 by default): a rerun with the same thread count
+#: and seeds reproduces a page's numbers on the same machine, and the claims are checked
+#: with other thread counts too.
+THREADS = _env_int("LOWBIT_THREADS", 2, 1, 256)
+
+
+def _pin_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    try:  # numba's parallel loops (FQT's compiled rounding) use the same count
+        import numba
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def setup(seed: int = 0) -> int:
-    """Seed everything, pin the CPU thread count, pick the plotly renderer the book needs,
-    and print all three."""
+    """Seed everything with ``seed + LOWBIT_SEED``, pin torch's and numba's CPU threads to
+    ``LOWBIT_THREADS``, flush subnormal floats (much faster CPU kernels, no result that
+    matters changes), pick the plotly renderer the book needs, and print the provenance
+    line. Returns the seed used."""
     use_notebook_renderer()
-    torch.set_num_threads(THREADS)
-    seed_everything(seed)
-    print(f"seed {seed} · torch {torch.__version__} · device {get_device()} · "
-          f"{torch.get_num_threads()} threads · python {platform.python_version()}"
-          f"{' · FULL size' if FULL else ''}")
+    _pin_threads(THREADS)
+    torch.set_flush_denormal(True)
+    seed = seed_everything(seed + SEED_OFFSET)
+    print(f"seed {seed} (LOWBIT_SEED={SEED_OFFSET}) · {THREADS} threads (LOWBIT_THREADS) · "
+          f"torch {torch.__version__} · device {get_device()} · "
+          f"python {platform.python_version()}{' · FULL size' if FULL else ''}")
     return seed
+
+
+def seeds(n: int, start: int = 0) -> list[int]:
+    """The ``n`` seeds a page runs: ``start + LOWBIT_SEED``, and the ``n − 1`` after it."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of seeds must be a positive int, got {n!r}")
+    return [start + SEED_OFFSET + i for i in range(n)]
+
+
+def claim(text: str, margin: float, unit: str = "") -> float:
+    """Assert a claim of the text whose truth is ``margin > 0``, and print the margin.
+
+    ``margin`` is how far the data is from making the claim false, in the claim's own
+    units (points of accuracy, a ratio minus its bound, ...), computed by the caller from
+    the page's numbers — for a difference, typically the mean difference minus twice its
+    standard error over the seeds. With ``LOWBIT_CLAIMS=file`` each claim is also appended
+    to that file as a JSON line (the perturbation table's source)."""
+    margin = float(margin)
+    ok = margin > 0
+    print(f"{'✓' if ok else '✗'} {text} (margin {margin:.4g}{unit})")
+    log = os.environ.get("LOWBIT_CLAIMS")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"claim": text, "margin": margin, "ok": ok,
+                                "seed_offset": SEED_OFFSET, "threads": THREADS}) + "\n")
+    assert ok, f"claim does not hold: {text} (margin {margin:.4g}{unit})"
+    return margin
 
 
 def show_source(*objs) -> "object":

@@ -151,10 +151,24 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
     return history
 
 
+def _source_hash() -> str:
+    """SHA-256 of the package's own source files (any change to the code that trains a
+    model makes a new cache key)."""
+    from pathlib import Path
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def config_key(config: dict) -> str:
-    """A short, stable hash of a JSON-serializable config (and the package version)."""
+    """A short, stable hash of a JSON-serializable config and of everything else that
+    changes a trained model: the package source, torch's version, the device and the
+    CPU thread count (the order of floating-point sums)."""
     from . import __version__
-    blob = json.dumps({"config": config, "lowbit": __version__}, sort_keys=True, default=str)
+    blob = json.dumps({"config": config, "lowbit": __version__, "source": _source_hash(),
+                       "torch": torch.__version__, "device": str(get_device()),
+                       "threads": torch.get_num_threads()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

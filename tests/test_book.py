@@ -1,0 +1,113 @@
+"""The book's own machinery: the perturbation switch and claims (lowbit.book), and the
+build extension that unpacks the vendored JavaScript (book/_ext/widget_js.py)."""
+import importlib
+import importlib.util
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from lowbit import book
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _widget_js():
+    spec = importlib.util.spec_from_file_location("widget_js", ROOT / "book/_ext/widget_js.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tarball(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as t:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            t.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def test_safe_extract_with_the_running_python(tmp_path):
+    tgz = _tarball(tmp_path / "p.tgz", {"package/dist/embed-amd.js": b"x" * 10,
+                                        "package/package.json": b"{}"})
+    _widget_js().safe_extract(tgz, tmp_path / "out")
+    assert (tmp_path / "out/package/dist/embed-amd.js").read_bytes() == b"x" * 10
+
+
+@pytest.mark.parametrize("has_filter", [True, False])
+def test_safe_extract_refuses_paths_outside(tmp_path, monkeypatch, has_filter):
+    mod = _widget_js()
+    if not has_filter:  # as on Python 3.11.2, which has no tarfile.data_filter
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    tgz = _tarball(tmp_path / "evil.tgz", {"../escaped.txt": b"no"})
+    with pytest.raises(Exception):
+        mod.safe_extract(tgz, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_safe_extract_without_the_filter_keyword(tmp_path, monkeypatch):
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    tgz = _tarball(tmp_path / "p.tgz", {"package/a/b.js": b"ok"})
+    _widget_js().safe_extract(tgz, tmp_path / "out")
+    assert (tmp_path / "out/package/a/b.js").read_bytes() == b"ok"
+
+
+def test_vendor_js_failure_takes_the_cdn_fallback(tmp_path, monkeypatch):
+    mod = _widget_js()
+
+    def broken(dest):
+        raise TypeError("extractall() got an unexpected keyword argument 'filter'")
+
+    monkeypatch.setattr(mod, "_fetch", broken)
+    monkeypatch.setattr(mod.shutil, "which", lambda name: "/usr/bin/npm")
+    config = SimpleNamespace(html_extra_path=[], nb_ipywidgets_js=None, mathjax_path=None)
+    mod.configure(SimpleNamespace(confdir=str(tmp_path)), config)   # does not raise
+    assert config.html_extra_path == [] and config.nb_ipywidgets_js is None
+
+
+def _book_with_env(**env):
+    code = ("import lowbit.book as b; print(b.SEED_OFFSET, b.THREADS, b.seeds(3))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", **env})
+    return out
+
+
+def test_seed_offset_and_threads_from_the_environment():
+    out = _book_with_env(LOWBIT_SEED="5", LOWBIT_THREADS="1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(maxsplit=2) == ["5", "1", "[5, 6, 7]\n"]
+    out = _book_with_env()
+    assert out.stdout.split(maxsplit=2) == ["0", "2", "[0, 1, 2]\n"]
+
+
+@pytest.mark.parametrize("env,word", [({"LOWBIT_SEED": "two"}, "LOWBIT_SEED"),
+                                      ({"LOWBIT_SEED": "-1"}, "LOWBIT_SEED"),
+                                      ({"LOWBIT_THREADS": "0"}, "LOWBIT_THREADS")])
+def test_bad_perturbation_values_are_named(env, word):
+    out = _book_with_env(**env)
+    assert out.returncode != 0 and word in out.stderr and "must be an integer" in out.stderr
+
+
+def test_setup_pins_threads_and_returns_the_offset_seed(monkeypatch, capsys):
+    import torch
+    monkeypatch.setattr(book, "SEED_OFFSET", 3)
+    assert book.setup(seed=1) == 4
+    assert torch.get_num_threads() == book.THREADS
+    assert "seed 4" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="positive int"):
+        book.seeds(0)
+
+
+def test_claim_asserts_and_logs(tmp_path, monkeypatch):
+    log = tmp_path / "claims.jsonl"
+    monkeypatch.setenv("LOWBIT_CLAIMS", str(log))
+    assert book.claim("a true claim", 0.5) == 0.5
+    with pytest.raises(AssertionError, match="a false claim"):
+        book.claim("a false claim", -0.1)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 and '"ok": false' in lines[1]
