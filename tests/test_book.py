@@ -111,3 +111,16 @@ def test_claim_asserts_and_logs(tmp_path, monkeypatch):
         book.claim("a false claim", -0.1)
     lines = log.read_text().splitlines()
     assert len(lines) == 2 and '"ok": false' in lines[1]
+
+
+def test_difference_over_seeds():
+    d = book.difference([3.0, 4.0, 5.0], [1.0, 1.0, 1.0])
+    assert d.mean == 3.0 and d.n == 3 and abs(d.se - 1 / 3 ** 0.5) < 1e-12
+    assert abs(d.above() - (3 - 2 / 3 ** 0.5)) < 1e-12 and d.below() < 0
+    assert book.difference([1.0, 2.0], 0.5).mean == 1.0
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        book.difference([1.0], [0.0])
+    with pytest.raises(ValueError, match="as many values"):
+        book.difference([1.0, 2.0], [0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="finite"):
+        book.difference([1.0, float("nan")], [0.0, 0.0])

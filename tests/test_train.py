@@ -64,3 +64,21 @@ def test_models_shapes():
     assert models.build_model("cnn", (1, 28, 28))(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(ValueError, match="unknown model"):
         models.build_model("vgg", (1, 28, 28))
+
+
+def test_cache_key_follows_threads_and_source(monkeypatch):
+    import torch
+    from lowbit import train
+    cfg = {"name": "fp", "seed": 0}
+    before = train.config_key(cfg)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1 if n != 1 else 2)
+    try:
+        assert train.config_key(cfg) != before
+    finally:
+        torch.set_num_threads(n)
+    assert train.config_key(cfg) == before
+    monkeypatch.setattr(train, "_source_hash", lambda: "changed")
+    assert train.config_key(cfg) != before
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert train.config_key(cfg) != before

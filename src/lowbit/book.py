@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import platform
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .plots import use_notebook_renderer
 from .train import get_device, seed_everything
 
-__all__ = ["setup", "seeds", "claim", "show_source", "FULL", "SEED_OFFSET", "THREADS"]
+__all__ = ["setup", "seeds", "claim", "Difference", "difference", "show_source", "FULL",
+           "SEED_OFFSET", "THREADS"]
 
 #: ``LOWBIT_FULL=1`` in the environment runs the chapters at full size (for a GPU);
 #: by default they use settings that run on two CPU cores in about a minute.
@@ -99,6 +103,47 @@ def claim(text: str, margin: float, unit: str = "") -> float:
                                 "seed_offset": SEED_OFFSET, "threads": THREADS}) + "\n")
     assert ok, f"claim does not hold: {text} (margin {margin:.4g}{unit})"
     return margin
+
+
+@dataclass(frozen=True)
+class Difference:
+    """The mean of paired differences over seeds and its standard error."""
+    mean: float
+    se: float
+    n: int
+
+    def above(self, k: float = 2.0) -> float:
+        """Margin of "the difference is positive by more than k standard errors"."""
+        return self.mean - k * self.se
+
+    def below(self, k: float = 2.0) -> float:
+        """Margin of "the difference is negative by more than k standard errors"."""
+        return -self.mean - k * self.se
+
+    def within(self, tol: float, k: float = 2.0) -> float:
+        """Margin of "the difference is within ±tol, k standard errors included"."""
+        return tol - abs(self.mean) - k * self.se
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.3g} ± {self.se:.2g} (n = {self.n})"
+
+
+def difference(a, b=0.0) -> Difference:
+    """Paired difference ``a − b`` over seeds (sequences of equal length, or scalars for
+    ``b``): its mean, and the standard error of the mean (sample standard deviation / √n).
+    Needs at least two seeds: one seed has no spread to compare a difference with."""
+    a = np.asarray(a, dtype=float).ravel()
+    b = np.broadcast_to(np.asarray(b, dtype=float), a.shape) if np.ndim(b) == 0 else \
+        np.asarray(b, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired differences need as many values on each side, got "
+                         f"{a.size} and {b.size}")
+    if a.size < 2:
+        raise ValueError(f"a difference over seeds needs at least 2 seeds, got {a.size}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("paired differences need finite values")
+    d = a - b
+    return Difference(float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)), int(d.size))
 
 
 def show_source(*objs) -> "object":
