@@ -117,6 +117,11 @@ def test_difference_over_seeds():
     d = book.difference([3.0, 4.0, 5.0], [1.0, 1.0, 1.0])
     assert d.mean == 3.0 and d.n == 3 and abs(d.se - 1 / 3 ** 0.5) < 1e-12
     assert abs(d.above() - (3 - 2 / 3 ** 0.5)) < 1e-12 and d.below() < 0
+    # large on every seed but of very different sizes: every seed agrees by more than
+    # the spread of a (0.58), though the mean is not two standard errors above zero
+    e = book.difference([95.0, 95.0, 94.0], [91.0, 35.0, 92.0])
+    assert e.mean - 2 * e.se < 0 < e.above() == e.low - e.spread_a
+    assert book.difference([1.0, 2.0], [3.0, 5.0]).below() > 0
     assert book.difference([1.0, 2.0], 0.5).mean == 1.0
     with pytest.raises(ValueError, match="at least 2 seeds"):
         book.difference([1.0], [0.0])
