@@ -1,6 +1,5 @@
 """The book's own machinery: the perturbation switch and claims (lowbit.book), and the
 build extension that unpacks the vendored JavaScript (book/_ext/widget_js.py)."""
-import importlib
 import importlib.util
 import io
 import subprocess

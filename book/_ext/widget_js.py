@@ -61,16 +61,14 @@ def safe_extract(archive: Path, dest: Path) -> None:
         if hasattr(tarfile, "data_filter"):
             t.extractall(dest, filter="data")
             return
-        members = t.getmembers()
-        for m in members:
-            target = (dest / m.name).resolve()
+        members = [(m, (dest / m.name).resolve()) for m in t.getmembers()]
+        for m, target in members:
             if not (m.isfile() or m.isdir()):
                 raise RuntimeError(f"{archive.name}: refusing {m.name!r} (not a plain file "
                                    "or folder)")
             if target != dest and dest not in target.parents:
                 raise RuntimeError(f"{archive.name}: refusing {m.name!r} (outside {dest})")
-        for m in members:
-            target = (dest / m.name).resolve()
+        for m, target in members:
             if m.isdir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue

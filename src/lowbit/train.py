@@ -2,6 +2,7 @@
 a per-epoch history, and a checksummed cache of trained models keyed by their config."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -156,9 +157,11 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
 NOT_TRAINING = ("bench.py", "book.py", "landscape.py", "plots.py")
 
 
+@functools.lru_cache(maxsize=1)
 def _source_hash() -> str:
     """SHA-256 of the package's source files, all but :data:`NOT_TRAINING` (any change to
-    code that can change a trained model makes a new cache key)."""
+    code that can change a trained model makes a new cache key). Read once per process:
+    the code that trains is the code that was imported."""
     from pathlib import Path
     h = hashlib.sha256()
     for f in sorted(Path(__file__).resolve().parent.glob("*.py")):
