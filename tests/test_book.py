@@ -2,6 +2,7 @@
 build extension that unpacks the vendored JavaScript (book/_ext/widget_js.py)."""
 import importlib.util
 import io
+import math
 import subprocess
 import sys
 import tarfile
@@ -128,3 +129,9 @@ def test_difference_over_seeds():
         book.difference([1.0, 2.0], [0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match="finite"):
         book.difference([1.0, float("nan")], [0.0, 0.0])
+
+
+def test_log_error():
+    assert abs(book.log_error([90.0])[0] - math.log(10.0)) < 1e-12
+    with pytest.raises(ValueError, match=r"\[0, 100\)"):
+        book.log_error([100.0])
