@@ -122,6 +122,10 @@ def test_difference_over_seeds():
     e = book.difference([95.0, 95.0, 94.0], [91.0, 35.0, 92.0])
     assert e.mean - 2 * e.se < 0 < e.above() == e.low - e.spread_a
     assert book.difference([1.0, 2.0], [3.0, 5.0]).below() > 0
+    # not below: a mean difference of -0.5 with standard error 0.5 is within the spread
+    f = book.difference([0.0, 1.0], [1.0, 1.0])
+    assert f.not_below() == f.mean + 2 * f.se > 0 and f.above() < 0
+    assert book.difference([0.0, 0.1], [1.0, 1.0]).not_below() < 0
     assert book.difference([1.0, 2.0], 0.5).mean == 1.0
     with pytest.raises(ValueError, match="at least 2 seeds"):
         book.difference([1.0], [0.0])

@@ -129,6 +129,12 @@ class Difference:
         """Margin of "a is below b" (as :meth:`above`, with the roles swapped)."""
         return max(-self.mean - k * self.se, -self.high - self.spread_b)
 
+    def not_below(self, k: float = 2.0) -> float:
+        """Margin of the weaker "a is not below b": the difference's mean plus k standard
+        errors is above zero. For a difference that is large on most seeds but not on all,
+        where a few seeds cannot make :meth:`above` hold at every seed offset."""
+        return self.mean + k * self.se
+
     def within(self, tol: float, k: float = 2.0) -> float:
         """Margin of "the difference is within ±tol, k standard errors included"."""
         return tol - abs(self.mean) - k * self.se
