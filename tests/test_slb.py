@@ -36,6 +36,20 @@ def test_expectation_is_sum_p_v_and_argmax_is_discrete():
     assert layer.expected_weight().shape == (3, 5)
 
 
+def test_learned_scale_stays_positive():
+    # the learned scale is exp(log_alpha): a step that would take α through zero cannot
+    torch.manual_seed(0)
+    layer = slb.SLBLinear(4, 2, bits=2)
+    assert "log_alpha" in dict(layer.named_parameters()) and "alpha" not in layer.state_dict()
+    torch.testing.assert_close(layer.alpha, torch.tensor(1 / (3 * 4) ** 0.5))
+    opt = torch.optim.SGD(layer.parameters(), lr=10.0)
+    layer(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    assert layer.alpha.item() > 0
+    fixed = slb.SLBLinear(4, 2, bits=2, alpha="fixed")
+    assert "alpha" in fixed.state_dict() and not any("alpha" in n for n, _ in fixed.named_parameters())
+
+
 def test_low_temperature_expectation_equals_argmax():
     torch.manual_seed(1)
     layer = slb.SLBConv2d(3, 4, 3, bits=3, temperature=1.0)
