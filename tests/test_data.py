@@ -1,11 +1,12 @@
 """Offline data sets, the checksummed cache and the CIFAR-10 reader."""
+import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from lowbit import data
+from lowbit import cache, data
 
 
 @pytest.mark.parametrize("name,shape,n_test", [("mnist", (1, 28, 28), 1000),
@@ -33,10 +34,10 @@ def test_corrupt_cache_is_rebuilt(data_home):
     s = data.load_arrays("digits")
     path = data_home / "digits-seed0.npz"
     path.write_bytes(path.read_bytes()[:100])  # truncate
-    with pytest.warns(UserWarning, match="does not match its checksum"):
+    with pytest.warns(UserWarning, match="fails its checksum"):
         again = data.load_arrays("digits")
     np.testing.assert_array_equal(again.x_train, s.x_train)
-    assert data.verified(path)
+    assert cache.read_entry(path) is not None
 
 
 def test_unknown_dataset(data_home):
@@ -81,3 +82,85 @@ def test_cifar10_missing_and_corrupt(tmp_path):
     _write_fake_cifar(tmp_path / "c", corrupt="data_batch_3")
     with pytest.raises(ValueError, match="data_batch_3 is not a readable CIFAR-10 batch"):
         data.load_cifar10(tmp_path / "c")
+
+
+class _Boom:
+    """A pickled global that would run code while the file is read."""
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch ran-code",))
+
+
+def test_cifar10_refuses_a_crafted_pickle(tmp_path, monkeypatch):
+    _write_fake_cifar(tmp_path / "c")
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "c" / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": _Boom(), b"labels": [0]}, f)
+    with pytest.raises(ValueError, match="data_batch_1.*refused posix.system|data_batch_1.*refused os.system"):
+        data.load_cifar10(tmp_path / "c")
+    assert not (tmp_path / "ran-code").exists()
+
+
+def test_cache_write_failure_keeps_the_result(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setenv("LOWBIT_DATA", str(ro))
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permissions: fail the write another way
+            monkeypatch.setattr(cache.os, "replace", lambda *a: (_ for _ in ()).throw(
+                OSError(28, "No space left on device")))
+        with pytest.warns(UserWarning, match="could not write the cache entry"):
+            s = data.load_arrays("digits")
+        assert len(s.y_train) > 0
+        assert not [p for p in ro.rglob("*") if p.name.endswith(".tmp")]
+    finally:
+        ro.chmod(0o700)
+
+
+def test_cache_entry_and_checksum_appear_together(tmp_path):
+    path = tmp_path / "e.bin"
+    for i in range(50):
+        assert cache.write_entry(path, bytes([i]) * 1000)
+        assert cache.read_entry(path) == bytes([i]) * 1000  # never a mismatched pair
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.bin"]
+
+
+def test_two_writers_never_leave_a_mismatched_entry(tmp_path):
+    import threading
+    import warnings
+    path = tmp_path / "e.bin"
+    payloads = [bytes([i]) * 200_000 for i in (1, 2)]
+
+    def writer(p):
+        for _ in range(40):
+            cache.write_entry(path, p)
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in payloads]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checksum mismatch would warn
+        for t in threads:
+            t.start()
+        seen = 0
+        while any(t.is_alive() for t in threads):
+            got = cache.read_entry(path)
+            assert got is None or got in payloads
+            seen += got is not None
+        for t in threads:
+            t.join()
+    assert cache.read_entry(path) in payloads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.bin"]
+
+
+def test_interrupted_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "e.bin"
+    real_fsync = cache.os.fsync
+
+    def interrupt(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache.os, "fsync", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cache.write_entry(path, b"x" * 100)
+    monkeypatch.setattr(cache.os, "fsync", real_fsync)
+    assert list(tmp_path.iterdir()) == []

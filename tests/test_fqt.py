@@ -1,6 +1,7 @@
 """FQT: unbiased gradient quantizers, the BHQ transform, QAT/FQT layers, bad input."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -26,7 +27,10 @@ def test_quantizers_are_unbiased(quantizer, bits):
     draws = torch.stack([fqt.quantize_gradient(g, bits, quantizer, gen) for _ in range(k)])
     err = (draws.mean(0) - g).abs()
     se = draws.std(0) / math.sqrt(k)
-    assert bool((err <= 5 * se + 1e-4 * g.abs().max()).all())
+    # an entry a fraction f < 25/K of a step from a code may never round away in K draws
+    # (its error f·Δ is then below 25·Δ/K): the per-tensor step bounds Δ
+    step = float(fqt.grid(g, "tensor", bits)[1]) / (2 ** bits - 1)
+    assert bool((err <= 5 * se + 25 * step / k + 1e-4 * g.abs().max()).all())
     # and nearest rounding on the same grid would be biased: the test can fail
     assert float(draws.std(0).max()) > 0
 
@@ -68,30 +72,32 @@ def test_rounding_up_probability_is_the_fractional_part(frac):
     assert abs(share - frac) <= 2.0 ** -17
 
 
-@pytest.mark.skipif(fqt._fused is None, reason="numba is not installed")
-@pytest.mark.parametrize("quantizer", ["ptq", "psq"])
-@pytest.mark.parametrize("bits", [(4, 8), (8,), (2, 8)])
-def test_compiled_loop_gives_the_numbers_of_the_torch_operations(quantizer, bits):
+@pytest.mark.skipif(fqt.compiled is None, reason="numba is not installed")
+@pytest.mark.parametrize("copies", [((4, "ptq"), (8, "ptq")), ((8, "psq"),), ((8, "column"),),
+                                    ((2, "psq"), (8, "column")), ((4, "ptq_minmax"), (8, "ptq_minmax"))])
+def test_compiled_loop_gives_the_numbers_of_the_torch_operations(copies):
     x = torch.randn(32, 500, generator=torch.Generator().manual_seed(0))
     x *= torch.logspace(-8, 3, 32).unsqueeze(1)  # rows from tiny to large ranges
     x[3] = 0.5  # and an empty one
-    fused = fqt._quantize_fused(x, bits, quantizer, torch.Generator().manual_seed(1),
-                                fqt._Workspace(x))
-    ops = fqt._quantize_many(x, bits, quantizer, torch.Generator().manual_seed(1))
+    fused = fqt.quantize_copies_compiled(x, copies, torch.Generator().manual_seed(1),
+                                         fqt.Workspace(x))
+    ops = fqt.quantize_copies(x, copies, torch.Generator().manual_seed(1))
     for a, b in zip(fused, ops):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("path", ["compiled loop", "torch operations"])
-def test_layer_workspace_gives_the_same_gradients_as_fresh_memory(monkeypatch, path):
+@pytest.mark.parametrize("quantizer", ["ptq", "psq", "bhq"])
+def test_layer_workspace_gives_the_same_gradients_as_fresh_memory(monkeypatch, path, quantizer):
     if path == "torch operations":
-        monkeypatch.setattr(fqt, "_fused", None)
+        from lowbit.fqt import layers
+        monkeypatch.setattr(layers, "can_compile", lambda *a: False)
     torch.manual_seed(0)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     base = SmallCNN(widths=(4, 8))
     grads = []
     for use_workspace in (True, False):
-        m = fqt.convert(base, "fqt", "psq", 4)
+        m = fqt.convert(base, "fqt", quantizer, 4)
         if not use_workspace:
             for layer in m.modules():
                 if isinstance(layer, (fqt.FQTConv2d, fqt.FQTLinear)):
@@ -103,6 +109,96 @@ def test_layer_workspace_gives_the_same_gradients_as_fresh_memory(monkeypatch, p
         grads.append([p.grad.clone() for p in m.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_weight_gradient_copy_is_per_column_with_the_per_sample_quantizers():
+    assert fqt.backward_copies("psq", 4, True) == ((4, "psq"), (8, "column"))
+    assert fqt.backward_copies("bhq", 2, False) == ((8, "column"),)
+    assert fqt.backward_copies("ptq", 4, True) == ((4, "ptq"), (8, "ptq"))
+    # a column with a tiny range keeps its resolution in the 8-bit copy
+    g = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    g[:, 0] *= 1e-4
+    q = fqt.quantize_copies(g, ((8, "column"),), torch.Generator().manual_seed(1))[0]
+    span0 = float(g[:, 0].max() - g[:, 0].min())
+    assert float((q[:, 0] - g[:, 0]).abs().max()) <= span0 / 255 * 1.0001
+
+
+def test_per_tensor_grid_holds_zero_as_in_the_official_code():
+    gen = torch.Generator().manual_seed(0)
+    for lo, hi in [(-1.0, 3.0), (-0.013, 5.0), (-2.0, 0.001), (0.5, 2.0), (-3.0, -1.0)]:
+        for bits in (2, 4, 8):
+            g = torch.cat([torch.tensor([lo, hi]), lo + (hi - lo) * torch.rand(98, generator=gen)])
+            q = fqt.quantize_ptq(g.reshape(4, 25), bits, gen)
+            low, span = fqt.grid(g.reshape(4, 25), "tensor", bits)
+            step = float(span) / (2 ** bits - 1)
+            z = -float(low) / step  # the code of zero: a whole number in 0 … B
+            assert abs(z - round(z)) < 1e-4 and 0 <= round(z) <= 2 ** bits - 1, (lo, hi, bits, z)
+            assert float(low) <= min(lo, 0) and float(low) + float(span) >= max(hi, 0) - 1e-6
+            # the official rule moves only the top, unless it would divide by zero
+            if lo < 0 and math.floor(-lo * (2 ** bits - 1) / (max(hi, 0) - lo)) >= 1:
+                assert float(low) == pytest.approx(lo)
+                # an exact zero is never moved (to float precision): it sits on a code
+            g0 = g.clone()
+            g0[5] = 0.0
+            q0 = float(fqt.quantize_ptq(g0.reshape(4, 25), bits, gen).reshape(-1)[5])
+            assert abs(q0) <= 1e-6 * float(span), (lo, hi, bits, q0)
+
+
+def test_zero_code_cuts_the_variance_of_a_mostly_small_gradient():
+    g = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 1e-3
+    g[:4] *= 1000  # four large rows: the rest round around zero
+    var = {}
+    for q in ("ptq", "ptq_minmax"):
+        gen = torch.Generator().manual_seed(1)
+        var[q] = float(torch.stack([fqt.quantize_gradient(g, 4, q, gen)
+                                    for _ in range(100)]).var(0).sum())
+    assert var["ptq"] < var["ptq_minmax"] / 2
+
+
+def test_bhq_groups_follow_the_official_rule():
+    values = np.array([10.0, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    # z small rows: stop at the first z whose smallest leader gets a whole row
+    assert fqt.quantizers._official_leaders(values) == 1
+    assert fqt.quantizers._official_leaders(np.ones(8)) == 4  # equal rows pair up
+    assert fqt.quantizers._official_leaders(np.zeros(8)) == 8  # constant rows: no groups
+    assert fqt.quantizers._official_leaders(np.array([3.0])) == 1
+    g = torch.distributions.StudentT(2.0).sample((64, 256))
+    assert fqt.bhq_groups(g) > 0
+    # the second scale carries the official max|H| factor
+    plan = fqt.bhq_plan(torch.stack([torch.linspace(-5, 5, 8)] + [torch.linspace(-1, 1, 8)] * 3))
+    s1 = (10 / 2) ** (-1 / 3)
+    s2 = (2 * fqt.householder_max(4) / 3) ** (-1 / 3)
+    torch.testing.assert_close(plan.scale, torch.tensor([s1, s2, s2, s2]))
+
+
+@pytest.mark.parametrize("quantizer", ["ptq", "psq", "bhq"])
+@pytest.mark.parametrize("value", [0.0, 0.25])
+def test_zero_or_constant_gradient_is_quantized_exactly(quantizer, value):
+    g = torch.full((8, 5), value)
+    q = fqt.quantize_gradient(g, 4, quantizer, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(q, g)
+    # and a layer whose loss gradient is exactly zero trains on
+    lin = fqt.convert(nn.Sequential(nn.Linear(3, 2)), "fqt", quantizer, 4)
+    lin(torch.randn(4, 3)).mul(0).sum().backward()
+    assert float(lin[0].weight.grad.abs().sum()) == 0.0
+
+
+def test_half_precision_is_unbiased():
+    g = (1e-3 * torch.randn(16, 64, generator=torch.Generator().manual_seed(0))).half()
+    gen = torch.Generator().manual_seed(1)
+    mean = torch.stack([fqt.quantize_psq(g, 8, gen).float() for _ in range(400)]).mean(0)
+    ratio = float((mean * g.float()).sum() / (g.float() ** 2).sum())
+    assert abs(ratio - 1) < 0.01, ratio
+    assert fqt.quantize_psq(g, 8, gen).dtype == torch.float16
+
+
+def test_obscure_inputs_get_clear_errors():
+    with pytest.raises(ValueError, match="meta"):
+        fqt.quantize_psq(torch.empty(4, 3, device="meta"), 4)
+    with pytest.raises(ValueError, match="sparse"):
+        fqt.quantize_psq(torch.eye(3).to_sparse(), 4)
+    with pytest.raises(ValueError, match="overflows"):
+        fqt.quantize_ptq(torch.tensor([[3e38, -3e38]]), 4)
 
 
 def test_psq_uses_per_row_ranges():
@@ -212,6 +308,8 @@ def test_bad_settings():
         fqt.convert(SmallCNN(), "fp")
     with pytest.raises(ValueError, match="n_groups"):
         fqt.bhq_transform(torch.randn(4, 3), 9)
+    with pytest.raises(ValueError, match="quantizer"):  # checked before anything is copied
+        fqt.convert(SmallCNN(), "fqt", "per-channel")
     with pytest.raises(ValueError, match="draws"):
         fqt.gradient_statistics(fqt.convert(SmallCNN()), torch.randn(2, 1, 28, 28),
                                 torch.tensor([0, 1]), "ptq", 4, draws=1)
@@ -226,3 +324,61 @@ def test_fqt_linear_on_sequences_matches_qat_gradients_in_qat_mode():
     q(x).sum().backward()
     assert all(m.weight.grad is not None and m.bias.grad.shape == m.bias.shape
                for m in q.modules() if isinstance(m, fqt.FQTLinear))
+
+
+def _official_transform(g: torch.Tensor) -> torch.Tensor:
+    """The official BHQ transform, written out as StatQuant's algorithm builds it: ranges
+    sorted, leaders chosen by the share rule, rounded cumulative shares, a dense matrix of
+    Householder blocks times the two scales (with the official normalisation of s, which
+    per-row quantization does not see), rows put back in their order."""
+    n = g.shape[0]
+    mvec = (g.amax(1) - g.amin(1)).double()
+    rank = torch.argsort(-mvec, stable=True)
+    values = mvec[rank]
+    zeros, total = 0, float(values.sum())
+    while True:
+        zeros += 1
+        total -= float(values[n - zeros])
+        if zeros * float(values[n - zeros - 1]) / total >= 1:
+            break
+    lead = n - zeros
+    nums = torch.round(torch.cumsum(zeros * values[:lead] / total, 0)).long()
+    t = torch.zeros(n, n, dtype=torch.float64)
+    order, at, nxt = [], 0, lead
+    for i in range(lead):
+        members = [i] + list(range(nxt, lead + int(nums[i])))
+        nxt = lead + int(nums[i])
+        size = len(members)
+        h = fqt.householder(size, torch.float64)
+        if size > 1:
+            w1 = float(values[i]) / math.sqrt(size)
+            w2 = float(values[members[1]]) * float(h.abs().max())
+            s = torch.tensor([w1 ** (-1 / 3)] + [(w2 / (size - 1)) ** (-1 / 3)] * (size - 1),
+                             dtype=torch.float64)
+            s = s * (1 / s).norm()
+        else:
+            s = torch.ones(1, dtype=torch.float64)
+        t[at:at + size, at:at + size] = h * s  # H · diag(s)
+        order += members
+        at += size
+    rows = rank[torch.tensor(order)]
+    inv = torch.empty(n, dtype=torch.long)
+    inv[rows] = torch.arange(n)
+    return t[inv][:, inv]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bhq_matches_the_official_transform(seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.distributions.StudentT(2.0).sample((64, 256)).double()
+    g *= torch.logspace(-2, 1, 64, dtype=torch.float64)[torch.randperm(64, generator=gen)].unsqueeze(1)
+    t_ref = _official_transform(g)
+    t, _ = fqt.bhq_transform(g)
+    # the same blocks and the same scales, up to one positive factor per group (the
+    # official normalisation), which per-row quantization cancels
+    y, y_ref = t @ g, t_ref @ g
+    factor = (y.norm(dim=1) / y_ref.norm(dim=1))
+    torch.testing.assert_close(y, y_ref * factor.unsqueeze(1))
+    lo, hi = y.amin(1), y.amax(1)
+    lo_r, hi_r = y_ref.amin(1), y_ref.amax(1)
+    torch.testing.assert_close(lo / (hi - lo), lo_r / (hi_r - lo_r))  # the same codes

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lowbit import data, models, train
+from lowbit import cache, data, models, train
 
 
 def _run(seed=0, epochs=1):
@@ -42,17 +42,17 @@ def test_load_or_train_caches_and_verifies(data_home):
                          progress=False)
 
     cfg = {"name": "t", "lr": 0.05}
-    a, ha = train.load_or_train(cfg, build, fit_it)
-    b, hb = train.load_or_train(cfg, build, fit_it)
+    a, ha = cache.load_or_train(cfg, build, fit_it)
+    b, hb = cache.load_or_train(cfg, build, fit_it)
     assert len(calls) == 1 and ha.test_acc == hb.test_acc
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
                                                   b.state_dict().values()))
     path = next((data_home / "models").glob("t-*.pt"))
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     with pytest.warns(UserWarning, match="fails its checksum"):
-        train.load_or_train(cfg, build, fit_it)
+        cache.load_or_train(cfg, build, fit_it)
     assert len(calls) == 2
-    train.load_or_train({"name": "t", "lr": 0.1}, build, fit_it)  # new config, new entry
+    cache.load_or_train({"name": "t", "lr": 0.1}, build, fit_it)  # new config, new entry
     assert len(calls) == 3
 
 
@@ -66,19 +66,44 @@ def test_models_shapes():
         models.build_model("vgg", (1, 28, 28))
 
 
-def test_cache_key_follows_threads_and_source(monkeypatch):
-    import torch
-    from lowbit import train
+def test_cache_key_follows_everything_that_changes_a_model(monkeypatch):
     cfg = {"name": "fp", "seed": 0}
-    before = train.config_key(cfg)
+    before = cache.config_key(cfg)
     n = torch.get_num_threads()
     torch.set_num_threads(1 if n != 1 else 2)
     try:
-        assert train.config_key(cfg) != before
+        assert cache.config_key(cfg) != before
     finally:
         torch.set_num_threads(n)
-    assert train.config_key(cfg) == before
-    monkeypatch.setattr(train, "_source_hash", lambda: "changed")
-    assert train.config_key(cfg) != before
-    monkeypatch.setattr(torch, "__version__", "0.0.0")
-    assert train.config_key(cfg) != before
+    assert cache.config_key(cfg) == before
+    with monkeypatch.context() as m:
+        m.setattr(cache, "source_hash", lambda: "changed")
+        assert cache.config_key(cfg) != before
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", "0.0.0")
+        assert cache.config_key(cfg) != before
+    with monkeypatch.context() as m:
+        m.setattr(train, "get_device", lambda: torch.device("cuda"))
+        assert cache.config_key(cfg) != before
+    with monkeypatch.context() as m:
+        m.setenv("LOWBIT_SEED", "3")
+        assert cache.config_key(cfg) != before
+    assert cache.config_key(cfg) == before
+    # the source hash covers the subpackages (lowbit.fqt) too
+    from pathlib import Path
+    import lowbit
+    files = {p.name for p in Path(lowbit.__file__).parent.rglob("*.py")}
+    assert "kernel.py" in files
+
+
+def test_cache_write_failure_returns_the_trained_model(data_home, monkeypatch):
+    def build():
+        torch.manual_seed(0)
+        return models.build_model("mlp", (1, 8, 8))
+
+    monkeypatch.setattr(cache.os, "replace", lambda *a: (_ for _ in ()).throw(
+        OSError(30, "Read-only file system")))
+    with pytest.warns(UserWarning, match="could not write the cache entry"):
+        net, hist = cache.load_or_train({"name": "ro"}, build, lambda m: train.History())
+    assert isinstance(net, torch.nn.Module)
+    assert not [p for p in data_home.rglob("*") if p.name.endswith(".tmp")]

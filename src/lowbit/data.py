@@ -5,15 +5,14 @@
 - ``"mnist1d"``: MNIST-1D generated locally by ``mnist1d`` (its download path is never used).
 - ``"cifar10"``: CIFAR-10 from a copy you already have (the python-pickle batches).
 
-Prepared arrays are cached under ``data/`` (or ``$LOWBIT_DATA``) next to a SHA-256
-checksum; a missing or corrupt cache file is rebuilt from the package.
+Prepared arrays are cached under ``data/`` (or ``$LOWBIT_DATA``) with a SHA-256 checksum
+(:mod:`lowbit.cache`); a missing or corrupt cache file is rebuilt from the package.
 """
 from __future__ import annotations
 
-import hashlib
 import os
+import io
 import pickle
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,48 +20,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-__all__ = ["data_dir", "ArrayLoader", "Split", "load_arrays", "get_loaders", "sorting_task", "load_cifar10",
+from .cache import data_dir, read_entry, write_entry
+
+__all__ = ["ArrayLoader", "Split", "load_arrays", "get_loaders", "sorting_task", "load_cifar10",
            "DATASETS"]
-
-
-def data_dir() -> Path:
-    """Where prepared data and cached models live: ``$LOWBIT_DATA``, else the repository's
-    ``data/`` folder (for a source checkout), else ``~/.cache/lowbit``."""
-    if os.environ.get("LOWBIT_DATA"):
-        d = Path(os.environ["LOWBIT_DATA"])
-    else:
-        repo = Path(__file__).resolve().parents[2]
-        d = repo / "data" if (repo / "_toc.yml").exists() else Path.home() / ".cache" / "lowbit"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_save(path: Path, write: Callable[[Path], None]) -> str:
-    """Write through ``write(tmp)`` then rename, so a crash never leaves half a file;
-    record the file's SHA-256 in ``path.sha256`` and return it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
-    path.with_name(path.name + ".sha256").write_text(digest + "\n")
-    return digest
-
-
-def verified(path: Path) -> bool:
-    """True when ``path`` exists and matches the checksum written beside it."""
-    check = path.with_name(path.name + ".sha256")
-    if not path.exists() or not check.exists():
-        return False
-    return sha256_file(path) == check.read_text().strip()
 
 
 @dataclass
@@ -119,15 +80,15 @@ def load_arrays(name: str = "mnist", seed: int = 0, standardize: bool = True) ->
         raise ValueError(f"unknown data set {name!r}; choose one of {sorted(DATASETS)} "
                          "(CIFAR-10: load_cifar10(root) on your own copy)")
     path = data_dir() / f"{name}-seed{seed}.npz"
-    arrays = None
-    if verified(path):
-        with np.load(path) as f:
+    payload = read_entry(path)
+    if payload is not None:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     else:
-        if path.exists():
-            warnings.warn(f"{path} does not match its checksum; rebuilding it from the package")
         arrays = DATASETS[name](seed)
-        atomic_save(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        write_entry(path, buf.getvalue())
     x_train, x_test = arrays["x_train"], arrays["x_test"]
     if standardize:
         mean, std = x_train.mean(), x_train.std()
@@ -205,13 +166,28 @@ CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
 CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds (a dict of bytes, str, ints, lists and a
+    NumPy uint8 array) and refuses every other global: a crafted file cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray",
+               "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR-10 batch holds only "
+                                     "a dict of arrays, lists, numbers and strings")
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _CifarUnpickler(f, encoding="bytes").load()
         data = np.asarray(d[b"data"], dtype=np.uint8)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
-    except Exception as e:  # truncated, not a pickle, wrong keys ...
+    except Exception as e:  # truncated, not a pickle, wrong keys, a refused global ...
         raise ValueError(f"{path} is not a readable CIFAR-10 batch (a pickled dict with "
                          f"b'data' and b'labels'): {type(e).__name__}: {e}") from e
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):

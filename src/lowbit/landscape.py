@@ -1,7 +1,8 @@
 """Loss landscapes as Li et al. (2018) define them, computed through ``loss-landscapes``.
 
 ``loss-landscapes`` 3.0.6 evaluates models through its model wrapper and metrics, which
-we use. Its plane functions we do not, because of known defects (METHODS.md): random
+we use. Its plane functions we do not, because of known defects (listed on the PSGD
+reference page, ``book/psgd/reference``): random
 directions are uniform rather than Gaussian; filter normalization touches biases more than
 once; parameters are moved in place unless ``deepcopy_model=True``; and
 ``planar_interpolation`` walks the grid in place in a zig-zag that shifts every other

@@ -1,14 +1,15 @@
 """PSGD: position-based scaled gradient (Kim, Yoo & Kwak, NeurIPS 2020).
 
 SGD whose gradient is multiplied, element by element, by a scale that shrinks as a
-weight approaches its target point (METHODS.md, PSGD)::
+weight approaches its target point (paper eq. 6)::
 
     w ← w − η · s(w) ⊙ ∇L(w),     s(w) = λ_s · |w − Q(w)| + ε            (plain)
                                   s(w) = (|w − Q(w)| + ε) / (‖w − Q(w)‖∞ + ε)   (normalized)
 
-where ``Q(w)`` is the nearest point of the layer's symmetric b-bit grid, recomputed from
-the current weights at every step, or 0 for pruning. Equivalently, PSGD is plain
-gradient descent on warped weights ``v = f(w)`` with ``s = 1 / f'(w)²``.
+where ``Q(w)`` is the nearest point of the layer's symmetric b-bit grid, or 0 for pruning.
+Equivalently, PSGD is plain gradient descent on warped weights ``v = f(w)`` with
+``s = 1 / f'(w)²``. (Formulas, defaults and the official code's constants: the PSGD
+reference page, ``book/psgd/reference.md``.)
 
 Choices this implementation makes (each a parameter):
 
@@ -16,7 +17,12 @@ Choices this implementation makes (each a parameter):
   momentum are then applied as in ``torch.optim.SGD``. Weight decay therefore still pulls
   a weight that sits on the grid towards zero (the official recipe turns it off at 2 bits).
 - Only the parameter groups with ``scaled=True`` are scaled: by default the conv and
-  linear weights (:func:`param_groups`); biases and BatchNorm follow plain SGD.
+  linear weights (:func:`param_groups`); biases and BatchNorm follow plain SGD. The
+  official code also scales the last layer's bias (``param_groups(last_bias=True)``).
+- The grid's range: ``grid_range="current"`` (the default) takes max|w| of the weights at
+  every step, the range the model is quantized with afterwards; ``"running"`` keeps, as
+  the official code does, a running average of min(w, 0) and max(w, 0) with momentum
+  ``range_momentum`` (0.1), in the optimizer's state.
 """
 from __future__ import annotations
 
@@ -40,13 +46,16 @@ def _check_nonnegative(name: str, value: float) -> float:
     return float(value)
 
 
+GRID_RANGES = ("current", "running")
+
+
 def position_target(w: torch.Tensor, bits: int | None,
-                    delta: float | None = None) -> torch.Tensor:
+                    delta: float | torch.Tensor | None = None) -> torch.Tensor:
     """The nearest target point of each weight: Q(w) on the layer's b-bit grid (its step
     recomputed from max|w|, or fixed to ``delta``), or 0 for pruning (``bits=None``)."""
     if bits is None:
         return torch.zeros_like(w)
-    return quantize_symmetric(w, bits, delta=None if delta is None else torch.tensor(delta))
+    return quantize_symmetric(w, bits, delta=None if delta is None else torch.as_tensor(delta))
 
 
 def position_scale(w: torch.Tensor, target: torch.Tensor, lambda_s: float = 150.0,
@@ -75,26 +84,27 @@ class PSGD(torch.optim.Optimizer):
     ``weight_decay``, ``nesterov``) plus, per parameter group:
     ``bits`` (2–16: the grid of the target; ``None`` targets 0, for pruning),
     ``lambda_s`` (λ_s ≥ 0), ``eps`` (ε ≥ 0), ``normalized`` (the scale in (0, 1]),
-    ``delta`` (a fixed grid step instead of max|w| / (2^(b-1) − 1) recomputed each step)
-    and ``scaled`` (False: plain SGD for this group).
+    ``delta`` (a fixed grid step instead of max|w| / (2^(b-1) − 1) recomputed each step),
+    ``grid_range`` (``"current"``, or ``"running"``: the official running average of the
+    range, ``range_momentum``) and ``scaled`` (False: plain SGD for this group).
 
-    A step checks every gradient first: a non-finite gradient raises a ValueError and
-    leaves all parameters and momentum buffers untouched.
+    A step checks every gradient first: a non-finite or sparse gradient raises a
+    ValueError and leaves all parameters and momentum buffers untouched. Groups are checked
+    before they are added, and a state dict before it is loaded.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.01, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
                  bits: int | None = 4, lambda_s: float = 150.0, eps: float = 0.0,
                  normalized: bool = False, delta: float | None = None,
+                 grid_range: str = "current", range_momentum: float = 0.1,
                  scaled: bool = True) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, bits=bits,
                         lambda_s=lambda_s, eps=eps, normalized=normalized, delta=delta,
-                        scaled=scaled)
+                        grid_range=grid_range, range_momentum=range_momentum, scaled=scaled)
         self._check_group(defaults)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._check_group(group)
 
     @staticmethod
     def _check_group(g: dict) -> None:
@@ -108,10 +118,49 @@ class PSGD(torch.optim.Optimizer):
             raise ValueError(f"delta must be > 0, got {g['delta']}")
         if g["normalized"] and g["eps"] == 0:
             raise ValueError("the normalized scale needs eps > 0 (it divides by ‖w − Q(w)‖∞ + ε)")
+        if g["grid_range"] not in GRID_RANGES:
+            raise ValueError(f"grid_range must be one of {GRID_RANGES}, got {g['grid_range']!r}")
+        if not 0 < _check_nonnegative("range_momentum", g["range_momentum"]) <= 1:
+            raise ValueError(f"range_momentum must be in (0, 1], got {g['range_momentum']}")
 
     def add_param_group(self, param_group: dict) -> None:
+        # checked with the defaults filled in, before it joins the optimizer
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a parameter group is a dict, got {type(param_group).__name__}")
+        unknown = set(param_group) - set(self.defaults) - {"params"}
+        if unknown:
+            raise ValueError(f"unknown PSGD setting(s) {sorted(unknown)}; "
+                             f"known: {sorted(self.defaults)}")
+        self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list):
+            raise ValueError("not an optimizer state dict (no list of param_groups)")
+        for g in groups:
+            missing = set(self.defaults) - set(g)
+            if missing:
+                raise ValueError(f"the state dict's group lacks PSGD setting(s) "
+                                 f"{sorted(missing)}: it is not a PSGD state dict")
+            self._check_group(g)
+        super().load_state_dict(state_dict)
+
+    def _delta(self, p: torch.Tensor, group: dict) -> torch.Tensor | float | None:
+        """The grid step for ``p``: fixed, or None (max|w| now), or from the running range."""
+        if group["delta"] is not None or group["bits"] is None \
+                or group["grid_range"] == "current":
+            return group["delta"]
+        state = self.state[p]
+        lo, hi = p.detach().amin().clamp(max=0), p.detach().amax().clamp(min=0)
+        if "range_min" not in state:
+            state["range_min"], state["range_max"] = lo.clone(), hi.clone()
+        else:
+            state["range_min"].lerp_(lo, group["range_momentum"])
+            state["range_max"].lerp_(hi, group["range_momentum"])
+        absmax = torch.maximum(-state["range_min"], state["range_max"])
+        return torch.where(absmax > 0, absmax, torch.ones_like(absmax)) / \
+            (2 ** (group["bits"] - 1) - 1)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -120,6 +169,11 @@ class PSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        sparse = [tuple(p.shape) for _, p in grads if p.grad.is_sparse]
+        if sparse:
+            raise ValueError(f"PSGD does not take sparse gradients (parameters of shapes "
+                             f"{sparse}); use dense gradients (e.g. nn.Embedding(sparse=False))"
+                             "; no parameter was updated")
         if grads:  # check everything before changing anything
             peaks = torch.stack([torch.linalg.vector_norm(p.grad, math.inf) for _, p in grads])
             if not bool(torch.isfinite(peaks).all()):
@@ -130,7 +184,7 @@ class PSGD(torch.optim.Optimizer):
         for group, p in grads:
             g = p.grad
             if group["scaled"]:
-                target = position_target(p, group["bits"], group["delta"])
+                target = position_target(p, group["bits"], self._delta(p, group))
                 g = g * position_scale(p, target, group["lambda_s"], group["eps"],
                                        group["normalized"])
             if group["weight_decay"]:
@@ -148,15 +202,19 @@ class PSGD(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, bits: int | None = 4, first_last_bits: int | None = None,
-                 scale_first_last: bool = True) -> list[dict]:
+                 scale_first_last: bool = True, last_bias: bool = False) -> list[dict]:
     """Parameter groups for :class:`PSGD`: conv and linear weights are scaled towards
     their ``bits`` grid; the first and last layer's weights towards ``first_last_bits``
-    (if given), or not at all with ``scale_first_last=False``; every other parameter
-    (biases, BatchNorm) is trained by plain SGD."""
-    layers = [m.weight for _, m in quantizable_layers(model)]
+    (if given), or not at all with ``scale_first_last=False``; with ``last_bias`` the last
+    layer's bias too, on a grid of its own (as in the official code); every other
+    parameter (biases, BatchNorm) is trained by plain SGD."""
+    mods = [m for _, m in quantizable_layers(model)]
+    layers = [m.weight for m in mods]
     ends = [layers[0], layers[-1]] if len(layers) > 1 else layers[:1]
+    if last_bias and mods and mods[-1].bias is not None:
+        ends.append(mods[-1].bias)
     middle = [w for w in layers if all(w is not e for e in ends)]
-    scaled_ids = {id(w) for w in layers}
+    scaled_ids = {id(w) for w in layers + ends}
     rest = [p for p in model.parameters() if id(p) not in scaled_ids]
     groups = [{"params": middle, "bits": bits}]
     if scale_first_last:

@@ -1,4 +1,5 @@
-"""Uniform quantizers: the common ground of the three methods (METHODS.md).
+"""Uniform quantizers: the common ground of the three methods (the book's Foundations,
+``book/basics/grid.ipynb``).
 
 Symmetric b-bit weight quantizer (per tensor or per output channel)::
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import numbers
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ __all__ = [
     "quantize_activations", "quantize_unsigned", "quantize_asymmetric",
     "FakeQuantSTE", "fake_quantize_ste", "QuantConv2d", "QuantLinear", "ActQuant",
     "prepare_qat", "quantize_model", "quantizable_layers", "layer_bits", "model_size_bits", "quantization_mse",
+    "replace_layers",
 ]
 
 
@@ -61,6 +63,11 @@ def _finite_range(x: object, name: str = "tensor", dim: int | None = None
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.is_meta:
+        raise ValueError(f"{name} is a meta tensor (shape {tuple(x.shape)}, no values); "
+                         "quantize a tensor that holds data")
+    if x.layout != torch.strided:
+        raise ValueError(f"{name} is a {x.layout} tensor; quantize x.to_dense()")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); nothing to quantize")
     x = x.detach()
@@ -79,6 +86,10 @@ def _finite_range(x: object, name: str = "tensor", dim: int | None = None
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or ±inf); "
                          "quantization needs finite values")
+    if not bool(torch.isfinite(hi - lo).all()):
+        raise ValueError(f"{name}'s range [{float(lo.min()):.3g}, {float(hi.max()):.3g}] "
+                         f"overflows {x.dtype} (its width is not a finite number); "
+                         "quantization needs a range the dtype can hold")
     return lo, hi
 
 
@@ -112,9 +123,14 @@ def symmetric_scale(w: torch.Tensor, bits: int, per_channel: bool = False,
     return torch.where(wmax > 0, wmax / qmax, torch.ones_like(wmax))
 
 
+#: The most bits for which :func:`symmetric_grid` lists every value (2^16 − 1 of them).
+MAX_LISTED_BITS = 16
+
+
 def symmetric_grid(delta: float | torch.Tensor, bits: int) -> torch.Tensor:
-    """All 2^b - 1 values of the symmetric grid with step ``delta`` (a 1-D tensor)."""
-    qmax = signed_levels(bits)
+    """All 2^b - 1 values of the symmetric grid with step ``delta`` (a 1-D tensor; at most
+    :data:`MAX_LISTED_BITS` bits, a list of 65,535 values)."""
+    qmax = 2 ** (check_bits(bits, 2, MAX_LISTED_BITS, "bits of a listed grid") - 1) - 1
     return torch.arange(-qmax, qmax + 1, dtype=torch.float32) * torch.as_tensor(delta).float()
 
 
@@ -174,7 +190,8 @@ def _round(y: torch.Tensor, rounding: str, generator: torch.Generator | None) ->
 def quantize_symmetric(w: torch.Tensor, bits: int, per_channel: bool = False, axis: int = 0,
                        rounding: Rounding = "nearest", generator: torch.Generator | None = None,
                        delta: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric b-bit quantizer Q(w) (METHODS.md "Common ground"), dequantized.
+    """Symmetric b-bit quantizer Q(w) (the PSGD reference page, ``book/psgd/reference``),
+    dequantized.
 
     ``delta`` overrides the step (it must broadcast against ``w``); by default it is
     :func:`symmetric_scale`. The steps after the division work in place on one
@@ -257,9 +274,9 @@ def quantize_even(w: torch.Tensor, bits: int, per_channel: bool = False,
     (no zero level; 1 bit: ±max|w|). Nearest rounding, dequantized."""
     m = 2 ** check_bits(bits, 1, 16) - 1  # number of gaps between the 2^b levels
     lo, hi = _finite_range(w, "w", axis if per_channel else None)
-    alpha = torch.maximum(-lo, hi)
-    alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
-    k = torch.round((w.detach() / alpha + 1) * (m / 2)).clamp_(0, m)
+    alpha = torch.maximum(-lo, hi)  # 0 for an all-zero tensor (or channel): every level is 0
+    safe = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    k = torch.round((w.detach() / safe + 1) * (m / 2)).clamp_(0, m)
     return (k * (2 / m) - 1) * alpha
 
 
@@ -305,6 +322,14 @@ class _UnsignedSTE(torch.autograd.Function):
         return grad_out * inside, None, None
 
 
+def _check_extra(module: nn.Module, extra: object, keys: tuple[str, ...]) -> None:
+    """Raise a ValueError unless ``extra`` is the dict of ``keys`` a state dict holds for
+    ``module`` (its settings that change the output)."""
+    if not isinstance(extra, dict) or set(extra) != set(keys):
+        raise ValueError(f"{type(module).__name__}'s extra state is a dict of {sorted(keys)}, "
+                         f"got {extra!r}")
+
+
 class ActQuant(nn.Module):
     """Unsigned b-bit activation quantizer placed after a ReLU.
 
@@ -341,6 +366,14 @@ class ActQuant(nn.Module):
             return torch.zeros_like(x)
         return _UnsignedSTE.apply(x, self.bits, self.x_max)
 
+    def get_extra_state(self) -> dict:  # settings that change the output: in the state dict
+        return {"bits": self.bits, "momentum": self.momentum, "calibrating": self.calibrating}
+
+    def set_extra_state(self, extra: dict) -> None:
+        _check_extra(self, extra, ("bits", "momentum", "calibrating"))
+        self.bits = check_bits(extra["bits"], 1, 32)
+        self.momentum, self.calibrating = float(extra["momentum"]), bool(extra["calibrating"])
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, x_max={self.x_max.item():.4g}"
 
@@ -357,6 +390,14 @@ class _FakeQuantWeight:
 
     def quantized_weight(self) -> torch.Tensor:
         return fake_quantize_ste(self.weight, self.weight_bits, self.per_channel, self.grid)
+
+    def get_extra_state(self) -> dict:  # settings that change the output: in the state dict
+        return {"weight_bits": self.weight_bits, "per_channel": self.per_channel,
+                "grid": self.grid}
+
+    def set_extra_state(self, extra: dict) -> None:
+        _check_extra(self, extra, ("weight_bits", "per_channel", "grid"))
+        self._set_quant(extra["weight_bits"], bool(extra["per_channel"]), extra["grid"])
 
 
 class QuantConv2d(_FakeQuantWeight, nn.Conv2d):
@@ -391,6 +432,32 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def replace_layers(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None],
+                   layers: Iterable[tuple[str, nn.Module]] | None = None,
+                   copy_model: bool = True, load_state: bool = True) -> nn.Module:
+    """Swap layers of ``model`` (a deep copy unless ``copy_model=False``): for each
+    ``(name, layer)`` of ``layers`` (default: :func:`quantizable_layers`), ``make(name,
+    layer)`` returns the new module (or None to keep the layer). With ``load_state`` the
+    new module is given the old one's state dict; either way it moves to the old one's
+    device. The one way the package swaps layers (QAT, SLB, FQT)."""
+    model = copy.deepcopy(model) if copy_model else model
+    for name, m in list(quantizable_layers(model) if layers is None else layers):
+        new = make(name, m)
+        if new is None:
+            continue
+        if load_state:  # the old layer's tensors; the new one's own settings stay
+            missing, unexpected = new.load_state_dict(m.state_dict(), strict=False)
+            if unexpected or [k for k in missing if not k.endswith("_extra_state")]:
+                raise ValueError(f"{type(new).__name__} cannot take the state of {name!r} "
+                                 f"({type(m).__name__}): missing {missing}, "
+                                 f"unexpected {unexpected}")
+        ref = next(iter(m.parameters()), None)
+        if ref is not None:
+            new = new.to(ref.device)
+        _set_module(model, name, new)
+    return model
 
 
 def layer_bits(index: int, count: int, bits: int, first_last_bits: int | None) -> int:
@@ -429,20 +496,20 @@ def prepare_qat(model: nn.Module, weight_bits: int, act_bits: int | None = None,
     with ``act_bits``, every ReLU is followed by an :class:`ActQuant` with a running max.
     """
     check_bits(weight_bits, 1, name="weight_bits")
-    model = copy.deepcopy(model)
-    layers = quantizable_layers(model)
-    for i, (name, m) in enumerate(layers):
-        b = layer_bits(i, len(layers), weight_bits, first_last_bits)
+    count = len(quantizable_layers(model))
+    index = {name: i for i, (name, _) in enumerate(quantizable_layers(model))}
+
+    def qat_layer(name: str, m: nn.Module) -> nn.Module:
+        b = layer_bits(index[name], count, weight_bits, first_last_bits)
         if isinstance(m, nn.Conv2d):
-            q = QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                            m.dilation, m.groups, m.bias is not None, m.padding_mode,
-                            weight_bits=b, per_channel=per_channel, grid=grid)
-        else:
-            q = QuantLinear(m.in_features, m.out_features, m.bias is not None,
-                            weight_bits=b, per_channel=per_channel, grid=grid)
-        q.load_state_dict(m.state_dict())
-        q.to(m.weight.device)
-        _set_module(model, name, q)
+            return QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride,
+                               m.padding, m.dilation, m.groups, m.bias is not None,
+                               m.padding_mode, weight_bits=b, per_channel=per_channel,
+                               grid=grid)
+        return QuantLinear(m.in_features, m.out_features, m.bias is not None,
+                           weight_bits=b, per_channel=per_channel, grid=grid)
+
+    model = replace_layers(model, qat_layer)
     if act_bits is not None:
         quantize_activations(model, act_bits)
     return model
@@ -459,17 +526,21 @@ def quantize_activations(model: nn.Module, act_bits: int) -> nn.Module:
 def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
                    act_bits: int | None = None, act_range: str = "bn", n_sigma: float = 6.0,
                    calib_data: Iterable | None = None,
-                   first_last_bits: int | None = None) -> nn.Module:
+                   first_last_bits: int | None = None,
+                   last_bias_bits: int | None = None) -> nn.Module:
     """Data-free layer-wise post-training quantization of a copy of ``model``.
 
     Every conv/linear weight is replaced by Q(w) at ``bits`` (per tensor, or per
     output channel); biases and BatchNorm stay in full precision. With
     ``act_bits``, activations after each ReLU are quantized too, their range taken
     from the preceding BatchNorm (``act_range='bn'``, no data needed) or from a
-    few ``calib_data`` batches (``act_range='calibrate'``). The original model is
-    never modified.
+    few ``calib_data`` batches (``act_range='calibrate'``). With ``last_bias_bits`` the
+    last layer's bias is quantized too, on a symmetric grid of its own (as the official
+    PSGD code does). The original model is never modified.
     """
     bits = check_bits(bits)
+    if last_bias_bits is not None:
+        check_bits(last_bias_bits)
     if act_range not in ("bn", "calibrate"):
         raise ValueError(f"act_range must be 'bn' or 'calibrate', got {act_range!r}")
     q = copy.deepcopy(model).eval()
@@ -478,6 +549,9 @@ def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
         b = layer_bits(i, len(layers), bits, first_last_bits)
         m.weight.copy_(quantize_symmetric(m.weight, b, per_channel))
         m.weight_bits = b
+    if last_bias_bits is not None and layers and layers[-1][1].bias is not None:
+        last = layers[-1][1]
+        last.bias.copy_(quantize_symmetric(last.bias, check_bits(last_bias_bits)))
     if act_bits is not None:
         _replace_relus(q, check_bits(act_bits, 1, 32, "act_bits"),
                        from_bn=act_range == "bn", n_sigma=n_sigma)
@@ -493,7 +567,7 @@ def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
                 q(x.to(device))
             for a in acts:
                 a.calibrating = False
-    return q
+    return q.eval()  # the new ActQuants too: a training-mode one moves its range
 
 
 def model_size_bits(model: nn.Module, default_bits: int = 32, count_zeros: bool = True) -> int:

@@ -1,7 +1,7 @@
 """The book's standard runs: the full-precision baseline and the straight-through
 quantization-aware-training (STE-QAT) baseline every method chapter compares against.
 
-Both go through :func:`lowbit.train.load_or_train`, so a chapter that needs the same
+Both go through :func:`lowbit.cache.load_or_train`, so a chapter that needs the same
 baseline as another reuses its trained weights instead of training again.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from . import data, fqt as fqt_, models, psgd as psgd_, quant, slb as slb_
-from .train import History, evaluate, fit, load_or_train, seed_everything
+from .cache import load_or_train
+from .train import History, evaluate, fit, seed_everything
 
 __all__ = ["Recipe", "PSGDConfig", "Start", "SLBConfig", "train_slb", "train_fqt", "loaders", "build", "train_fp", "train_qat", "finetune",
            "l1_penalty"]
@@ -113,6 +114,8 @@ class PSGDConfig:
     normalized: bool = False
     first_last_bits: int | None = None
     scale_first_last: bool = True
+    grid_range: str = "current"
+    last_bias: bool = False
 
 
 def l1_penalty(strength: float):
@@ -140,10 +143,10 @@ def finetune(r: Recipe, epochs: int, lr: float = 0.01, weight_decay: float | Non
                                   weight_decay=wd)
         else:
             groups = psgd_.param_groups(model, psgd.bits, psgd.first_last_bits,
-                                        psgd.scale_first_last)
+                                        psgd.scale_first_last, psgd.last_bias)
             opt = psgd_.PSGD(groups, lr=lr, momentum=r.momentum, weight_decay=wd,
                              bits=psgd.bits, lambda_s=psgd.lambda_s, eps=psgd.eps,
-                             normalized=psgd.normalized)
+                             normalized=psgd.normalized, grid_range=psgd.grid_range)
         train_loader, test_loader = loaders(r)
         seed_everything(r.seed)
         return fit(model, train_loader, epochs, opt, test_loader, progress=progress,

@@ -1,6 +1,7 @@
 """SLB: searching for low-bit weights (Yang et al., NeurIPS 2020).
 
-Each weight is a distribution over a small set ``V`` of discrete values (METHODS.md, SLB)::
+Each weight is a distribution over a small set ``V`` of discrete values (formulas, defaults
+and every open choice: the SLB reference page, ``book/slb/reference.md``)::
 
     V = {v_1 … v_m},  m = 2^b, evenly spaced in [-1, 1]      (1 bit: {-1, +1})
     P = softmax(A / τ)                                         (A: m logits per weight)
@@ -30,7 +31,7 @@ No official code was released; every choice the paper leaves open is a parameter
 from __future__ import annotations
 
 import contextlib
-import copy
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
@@ -145,6 +146,18 @@ class _SLBWeight(nn.Module):
         return self.expected_weight() if self.current_state() == "continuous" \
             else self.discrete_weight()
 
+    # The temperature and the state change the layer's output, so they live in its state
+    # dict (a cached model comes back at the temperature it was trained to).
+    def get_extra_state(self) -> dict:
+        return {"temperature": self.temperature, "state": self.state}
+
+    def set_extra_state(self, extra: dict) -> None:
+        if not isinstance(extra, dict) or set(extra) != {"temperature", "state"}:
+            raise ValueError(f"an SLB layer's extra state is {{'temperature', 'state'}}, "
+                             f"got {extra!r}")
+        self.temperature = check_temperature(extra["temperature"])
+        self.state = _check_state(extra["state"])
+
     def extra_repr(self) -> str:
         return (f"{self.weight_shape}, bits={self.bits}, temperature={self.temperature:.4g}, "
                 f"state={self.state}")
@@ -240,6 +253,14 @@ class _StateBatchNorm(nn.Module):
                 momentum = 1.0 / float(batches)
         return F.batch_norm(x, mean, var, self.weight, self.bias, self.training,
                             momentum or 0.0, self.eps)
+
+    def get_extra_state(self) -> dict:
+        return {"state": self.state}
+
+    def set_extra_state(self, extra: dict) -> None:
+        if not isinstance(extra, dict) or set(extra) != {"state"}:
+            raise ValueError(f"a state BN's extra state is {{'state'}}, got {extra!r}")
+        self.state = _check_state(extra["state"])
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, state={self.state}"
@@ -389,11 +410,12 @@ def convert(model: nn.Module, bits: int, act_bits: int | None = None, sbn: bool 
     model's trained weight; ``'random'`` draws the logits from N(0, 1) (``seed`` fixes them).
     """
     bits = check_bits(bits, 1, MAX_BITS, "bits")
-    model = copy.deepcopy(model)
+    if act_bits is not None:
+        check_bits(act_bits, 1, 32, "act_bits")
     if seed is not None:
         torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    for name, m in quant.quantizable_layers(model):
+
+    def slb_layer(name: str, m: nn.Module) -> nn.Module:
         kw = dict(bits=bits, temperature=temperature, alpha=alpha, init=init, weight=m.weight)
         if isinstance(m, nn.Conv2d):
             new = SLBConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
@@ -402,19 +424,24 @@ def convert(model: nn.Module, bits: int, act_bits: int | None = None, sbn: bool 
             new = SLBLinear(m.in_features, m.out_features, m.bias is not None, **kw)
         if m.bias is not None:
             new.bias.data.copy_(m.bias.detach())
-        quant._set_module(model, name, new.to(device))
+        return new
+
+    @torch.no_grad()
+    def state_bn(name: str, m: nn.Module) -> nn.Module:
+        cls = StateBatchNorm2d if isinstance(m, nn.BatchNorm2d) else StateBatchNorm1d
+        new = cls(m.num_features, m.eps, m.momentum)
+        new.weight.copy_(m.weight)
+        new.bias.copy_(m.bias)
+        for s in ("continuous", "discrete"):
+            new.statistics(s)[0].copy_(m.running_mean)
+            new.statistics(s)[1].copy_(m.running_var)
+        return new
+
+    model = quant.replace_layers(model, slb_layer, load_state=False)
     if sbn:
-        for name, m in list(model.named_modules()):
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                cls = StateBatchNorm2d if isinstance(m, nn.BatchNorm2d) else StateBatchNorm1d
-                new = cls(m.num_features, m.eps, m.momentum)
-                with torch.no_grad():
-                    new.weight.copy_(m.weight)
-                    new.bias.copy_(m.bias)
-                    for s in ("continuous", "discrete"):
-                        new.statistics(s)[0].copy_(m.running_mean)
-                        new.statistics(s)[1].copy_(m.running_var)
-                quant._set_module(model, name, new.to(device))
+        bns = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+        model = quant.replace_layers(model, state_bn, bns, copy_model=False, load_state=False)
     if act_bits is not None:
         quant.quantize_activations(model, act_bits)
     return model
@@ -437,10 +464,25 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, state: State = "discrete
     """Post-training BN recalibration (the cheaper alternative to SBN a reviewer asked
     about): reset the running statistics and re-estimate them, as a cumulative average over
     ``batches``, with the network in ``state``. Works on state BNs and plain BatchNorm."""
+    _check_state(state)
+    if max_batches is not None and (isinstance(max_batches, bool) or
+                                    not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    if isinstance(batches, torch.Tensor) or not hasattr(batches, "__iter__"):
+        raise ValueError("batches must be an iterable of input batches (or (x, y) pairs), "
+                         f"got {type(batches).__name__}")
     bns = [m for m in model.modules()
            if isinstance(m, (_StateBatchNorm, nn.modules.batchnorm._BatchNorm))]
     if not bns:
         raise ValueError("model has no batch normalization to recalibrate")
+    batches = iter(batches)
+    first = next(batches, None)
+    x0 = first[0] if isinstance(first, (tuple, list)) and first else first
+    if not isinstance(x0, torch.Tensor):
+        raise ValueError("batches must yield input tensors or (x, y) pairs; got "
+                         + ("no batch at all" if first is None else type(x0).__name__)
+                         + " (the statistics were left as they were)")
+    batches = itertools.chain([first], batches)
     saved = [m.momentum for m in bns]
     for m in bns:
         if isinstance(m, _StateBatchNorm):
@@ -477,33 +519,34 @@ def export(model: nn.Module) -> nn.Module:
     whose BatchNorms carry the discrete statistics: what the SLB model computes in
     evaluation mode, with no logits left. Each exported layer records ``weight_bits``
     (for :func:`lowbit.quant.model_size_bits`) and its integer ``codes``."""
-    out = copy.deepcopy(model)
-    for name, m in slb_layers(out):
+    def plain_layer(name: str, m: _SLBWeight) -> nn.Module:
         k, scale = codes(m)
-        w = m.discrete_weight()
         if isinstance(m, SLBConv2d):
             new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
                             m.dilation, m.groups, m.bias is not None)
         else:
             new = nn.Linear(m.in_features, m.out_features, m.bias is not None)
-        new = new.to(w.device)
-        new.weight.copy_(w)
+        new.weight.copy_(m.discrete_weight())
         if m.bias is not None:
             new.bias.copy_(m.bias)
         new.weight_bits = m.bits
         new.register_buffer("codes", k)
         new.scale = scale
-        quant._set_module(out, name, new)
-    for name, m in list(out.named_modules()):
-        if isinstance(m, _StateBatchNorm):
-            cls = nn.BatchNorm2d if isinstance(m, StateBatchNorm2d) else nn.BatchNorm1d
-            new = cls(m.num_features, m.eps, m.momentum).to(m.weight.device)
-            new.weight.copy_(m.weight)
-            new.bias.copy_(m.bias)
-            mean, var = m.statistics("discrete")
-            new.running_mean.copy_(mean)
-            new.running_var.copy_(var)
-            quant._set_module(out, name, new)
+        return new
+
+    def plain_bn(name: str, m: _StateBatchNorm) -> nn.Module:
+        cls = nn.BatchNorm2d if isinstance(m, StateBatchNorm2d) else nn.BatchNorm1d
+        new = cls(m.num_features, m.eps, m.momentum)
+        new.weight.copy_(m.weight)
+        new.bias.copy_(m.bias)
+        mean, var = m.statistics("discrete")
+        new.running_mean.copy_(mean)
+        new.running_var.copy_(var)
+        return new
+
+    out = quant.replace_layers(model, plain_layer, slb_layers(model), load_state=False)
+    bns = [(n, m) for n, m in out.named_modules() if isinstance(m, _StateBatchNorm)]
+    out = quant.replace_layers(out, plain_bn, bns, copy_model=False, load_state=False)
     return out.eval()
 
 

@@ -1,13 +1,8 @@
-"""Training and evaluation: seeding, the GPU when present, a ``tqdm.auto`` progress bar,
-a per-epoch history, and a checksummed cache of trained models keyed by their config."""
+"""Training and evaluation: seeding, the GPU when present, a ``tqdm.auto`` progress bar and
+a per-epoch history. (Trained models are cached by :func:`lowbit.cache.load_or_train`.)"""
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
-import os
 import random
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
@@ -17,11 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import atomic_save, data_dir, verified
 
-__all__ = ["seed_everything", "get_device", "History", "evaluate", "fit", "load_or_train",
-           "loss_and_correct",
-           "config_key"]
+__all__ = ["seed_everything", "get_device", "History", "evaluate", "fit", "loss_and_correct"]
 
 
 def seed_everything(seed: int = 0) -> int:
@@ -150,64 +142,3 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
         if on_epoch is not None:
             on_epoch(epoch, history)
     return history
-
-
-#: Modules that never touch a model's training (figures, the notebooks' helpers, timing,
-#: landscape plots): left out of the cache key, so that editing them keeps trained models.
-NOT_TRAINING = ("bench.py", "book.py", "landscape.py", "plots.py")
-
-
-@functools.lru_cache(maxsize=1)
-def _source_hash() -> str:
-    """SHA-256 of the package's source files, all but :data:`NOT_TRAINING` (any change to
-    code that can change a trained model makes a new cache key). Read once per process:
-    the code that trains is the code that was imported."""
-    from pathlib import Path
-    h = hashlib.sha256()
-    for f in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        if f.name in NOT_TRAINING:
-            continue
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
-def config_key(config: dict) -> str:
-    """A short, stable hash of a JSON-serializable config and of everything else that
-    changes a trained model: the package source, torch's version, the device and the
-    CPU thread count (the order of floating-point sums)."""
-    from . import __version__
-    blob = json.dumps({"config": config, "lowbit": __version__, "source": _source_hash(),
-                       "torch": torch.__version__, "device": str(get_device()),
-                       "threads": torch.get_num_threads()}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def load_or_train(config: dict, build: Callable[[], nn.Module],
-                  train: Callable[[nn.Module], History], cache: bool | None = None
-                  ) -> tuple[nn.Module, History]:
-    """Return a trained model and its history, from the cache when it holds this config.
-
-    ``build()`` makes the untrained model (same architecture every time);
-    ``train(model)`` trains it in place and returns its :class:`History`. The cache
-    lives in ``data_dir()/models`` (outside git), keyed by :func:`config_key`, with a
-    SHA-256 beside each file; it is read with ``weights_only=True``. A corrupt entry
-    is retrained. ``cache=False`` (or ``LOWBIT_NO_CACHE=1``) always trains.
-    """
-    if cache is None:
-        cache = os.environ.get("LOWBIT_NO_CACHE", "") in ("", "0")
-    path = data_dir() / "models" / f"{config.get('name', 'model')}-{config_key(config)}.pt"
-    model = build()
-    if cache and path.exists():
-        if verified(path):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(blob["state_dict"])
-            return model.to(get_device()), History.from_dict(blob["history"])
-        warnings.warn(f"cached model {path} fails its checksum; training it again")
-    model = model.to(get_device())
-    history = train(model)
-    if cache:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        atomic_save(path, lambda tmp: torch.save(
-            {"state_dict": state, "history": history.to_dict(),
-             "config": json.dumps(config, sort_keys=True, default=str)}, tmp))
-    return model, history

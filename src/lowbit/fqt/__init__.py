@@ -1,0 +1,48 @@
+"""FQT: fully quantized training (Chen et al., NeurIPS 2020).
+
+Quantization-aware training (QAT) quantizes the forward pass (activations and weights at 8
+bits, deterministic) and keeps the backward pass in full precision. Fully quantized training
+(FQT) also quantizes the output gradient ``∇H`` (N samples × D features) of every layer, with
+**stochastic** rounding, before it is used (formulas and the official code's constants: the
+FQT reference page, ``book/fqt/reference.md``)::
+
+    activation gradient:  ∇X = Q_b(∇H) · W         (b bits: the quantizer under study)
+    weight gradient:      ∇W = Q_8(∇H)ᵀ · X        (8 bits, as in the official code: on the
+                                                   per-tensor grid with PTQ, one range per
+                                                   column with PSQ and BHQ)
+
+Stochastic rounding makes ``E[Q(∇H)] = ∇H``, so the FQT gradient is an unbiased estimate of
+the QAT gradient; only its variance grows. Three gradient quantizers, each a function of a
+tensor, a bit-width and an optional ``torch.Generator``, returning the dequantized tensor:
+
+- :func:`quantize_ptq` — per tensor: one grid for all of ``∇H``, holding zero exactly, as in
+  the official code (``zero_code=False``: over [min, max], with no zero code).
+- :func:`quantize_psq` — per sample: one range per row.
+- :func:`quantize_bhq` — block Householder: rows sorted by range, each large row grouped
+  with small rows (the official rule), scaled and reflected so that its range is spread
+  over its group, then quantized per row and transformed back (:func:`bhq_transform`).
+
+The parts, each a module: :mod:`.quantizers` (grids, rounding, the three quantizers),
+:mod:`.kernel` (the compiled CPU loop), :mod:`.layers` (the QAT/FQT layers),
+:mod:`.measure` (codes, bounds, gradient bias and variance).
+"""
+from .quantizers import (FORWARD_BITS, GRAD_BITS, PTQ_VARIANTS, QUANTIZERS, BHQPlan,
+                         as_rows, bhq_groups, bhq_plan, bhq_transform, check_grad_bits,
+                         check_quantizer, code_scales, dequantize, grid, householder,
+                         householder_max, quantize_bhq, quantize_copies, quantize_gradient,
+                         quantize_psq, quantize_ptq, reflect, sr_codes, zero_code_grid)
+from .kernel import Workspace, can_compile, compiled, quantize_copies_compiled, sr_loop
+from .layers import (FQTConv2d, FQTFunction, FQTLinear, backward_copies, configure, convert,
+                     fqt_layers, forward_quant)
+from .measure import (bins_used, codes, gradient_statistics, layer_gradients,
+                      output_gradients, variance_bound)
+
+__all__ = ["FORWARD_BITS", "GRAD_BITS", "PTQ_VARIANTS", "QUANTIZERS", "BHQPlan", "as_rows",
+           "bhq_groups", "bhq_plan", "bhq_transform", "check_grad_bits", "check_quantizer",
+           "code_scales", "dequantize", "grid", "householder", "householder_max",
+           "quantize_bhq", "quantize_copies", "quantize_gradient", "quantize_psq",
+           "quantize_ptq", "reflect", "sr_codes", "zero_code_grid", "Workspace",
+           "can_compile", "compiled", "quantize_copies_compiled", "sr_loop", "FQTConv2d",
+           "FQTFunction", "FQTLinear", "backward_copies", "configure", "convert",
+           "fqt_layers", "forward_quant", "bins_used", "codes", "gradient_statistics",
+           "layer_gradients", "output_gradients", "variance_bound"]

@@ -1,0 +1,147 @@
+"""Measuring FQT: the codes a quantizer uses, its variance bound, and the bias and variance
+of the FQT weight gradient around the QAT gradient on a real model."""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..train import loss_and_correct
+from .layers import _FQTLayer, configure
+from .quantizers import _SCOPE, as_rows, bhq_plan, check_grad_bits, check_quantizer, grid, \
+    reflect, sr_codes
+from ..quant import dither
+
+__all__ = ["codes", "bins_used", "variance_bound", "output_gradients", "layer_gradients",
+           "gradient_statistics"]
+
+
+@torch.no_grad()
+def codes(g: torch.Tensor, bits: int, quantizer: str = "ptq",
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """The integer codes (0 … 2^b − 1, as floats, shaped (N, D)) that ``quantizer`` gives
+    the rows of ``g`` — in the transformed domain for BHQ."""
+    x = as_rows(g)
+    b = check_grad_bits(bits)
+    check_quantizer(quantizer)
+    if quantizer == "bhq":
+        plan = bhq_plan(x)
+        x = reflect(x * plan.scale.unsqueeze(1), plan)
+    lo, span = grid(x, _SCOPE[quantizer], b)
+    return sr_codes(x - lo, span, b, dither(x, generator))
+
+
+@torch.no_grad()
+def bins_used(g: torch.Tensor, bits: int, quantizer: str = "ptq",
+              generator: torch.Generator | None = None) -> float:
+    """Mean over rows of the fraction of the 2^b codes a row's quantized values use (in the
+    transformed domain for BHQ): how much of the grid the quantizer puts to work."""
+    c = codes(g, bits, quantizer, generator)
+    used = [torch.unique(row).numel() for row in c]
+    return sum(used) / (len(used) * 2 ** check_grad_bits(bits))
+
+
+def variance_bound(g: torch.Tensor, bits: int, quantizer: str = "ptq") -> float:
+    """The variance bound of the quantized gradient (summed over entries; the FQT reference
+    page): each entry's stochastic rounding has variance at most Δ²/4, so per tensor
+    N·D·Δ²/4 (Δ = span/B of the tensor's grid), per sample Σᵢ D·Δᵢ²/4."""
+    x = as_rows(g)
+    b = check_grad_bits(bits)
+    if quantizer not in ("ptq", "ptq_minmax", "psq"):
+        raise ValueError(f"the bound is for 'ptq', 'ptq_minmax' or 'psq', got {quantizer!r}")
+    span = grid(x, _SCOPE[quantizer], b)[1]
+    return float((x.shape[1] * span.expand(x.shape[0], 1) ** 2).sum()) / (4 * (2 ** b - 1) ** 2)
+
+
+@contextlib.contextmanager
+def _training_pass(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block ``model`` is in training mode, so BatchNorm uses the batch's
+    statistics as it does while training (its backward mixes each channel: the gradients
+    FQT quantizes are dense, not the mostly-zero ones of an evaluation-mode pass); the
+    running statistics and the mode are restored afterwards. Repeated passes over the same
+    batch see the same forward pass."""
+    was = model.training
+    saved = [b.detach().clone() for b in model.buffers()]
+    model.train()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for b, old in zip(model.buffers(), saved):
+                b.copy_(old)
+        model.train(was)
+
+
+def output_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """The output gradient ∇H of every FQT layer for the cross-entropy on (x, y), in QAT
+    mode (full precision) with BatchNorm in training mode (:func:`_training_pass`): the
+    tensors FQT quantizes during training."""
+    grads: dict[str, torch.Tensor] = {}
+    hooks = [m.register_full_backward_hook(
+        lambda mod, gin, gout, name=n: grads.__setitem__(name, gout[0].detach().clone()))
+        for n, m in model.named_modules() if isinstance(m, _FQTLayer)]
+    layers = [m for m in model.modules() if isinstance(m, _FQTLayer)]
+    modes = [m.mode for m in layers]
+    try:
+        configure(model, mode="qat")
+        with _training_pass(model), warnings.catch_warnings():
+            # the first layer's input needs no gradient: fine
+            warnings.filterwarnings("ignore", "Full backward hook is firing")
+            model.zero_grad(set_to_none=True)
+            loss_and_correct(model(x), y)[0].backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in zip(layers, modes):
+            m.mode = mode
+    return {n: grads[n] for n, m in model.named_modules() if n in grads}
+
+
+def layer_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gradient of the cross-entropy on (x, y) for each FQT layer's weight, with
+    BatchNorm in training mode as during training (:func:`_training_pass`)."""
+    with _training_pass(model):
+        model.zero_grad(set_to_none=True)
+        loss_and_correct(model(x), y)[0].backward()
+    return {n: m.weight.grad.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, _FQTLayer)}
+
+
+def gradient_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, quantizer: str,
+                        grad_bits: int, draws: int = 50, seed: int = 0) -> dict[str, dict]:
+    """Bias and variance of the FQT weight gradient around the QAT gradient, per layer, over
+    ``draws`` stochastic-rounding draws for one batch. Returns, per layer: ``bias`` (‖mean
+    of the draws − QAT‖ / ‖QAT‖), ``variance`` (Σ over entries of the sample variance),
+    ``qat_norm2`` (‖QAT gradient‖²) and ``bias_se`` (the bias expected from noise alone,
+    √(variance/draws)/‖QAT‖). The model's settings are restored afterwards."""
+    if not isinstance(draws, int) or draws < 2:
+        raise ValueError(f"draws must be an int ≥ 2, got {draws!r}")
+    layers = [m for m in model.modules() if isinstance(m, _FQTLayer)]
+    saved = [(m.mode, m.quantizer, m.grad_bits, m.generator) for m in layers]
+    try:
+        configure(model, mode="qat")
+        ref = layer_gradients(model, x, y)
+        configure(model, mode="fqt", quantizer=quantizer, grad_bits=grad_bits,
+                  generator=torch.Generator(device=x.device).manual_seed(seed))
+        s1 = {n: torch.zeros_like(g, dtype=torch.float64) for n, g in ref.items()}
+        s2 = {n: torch.zeros_like(g, dtype=torch.float64) for n, g in ref.items()}
+        for _ in range(draws):
+            for n, g in layer_gradients(model, x, y).items():
+                s1[n] += g
+                s2[n] += g.double() ** 2
+    finally:
+        for m, (mode, q, b, gen) in zip(layers, saved):
+            m.mode, m.quantizer, m.grad_bits, m.generator = mode, q, b, gen
+    out = {}
+    for n, g in ref.items():
+        mean = s1[n] / draws
+        var = float(((s2[n] - draws * mean ** 2) / (draws - 1)).clamp(min=0).sum())
+        norm = float(g.double().norm())
+        out[n] = dict(bias=float((mean - g).norm()) / norm, variance=var,
+                      qat_norm2=norm ** 2, bias_se=math.sqrt(var / draws) / norm)
+    return out
