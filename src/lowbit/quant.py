@@ -27,7 +27,7 @@ from torch import nn
 Rounding = Literal["nearest", "stochastic"]
 
 __all__ = [
-    "check_bits", "check_tensor", "signed_levels", "symmetric_scale", "symmetric_grid",
+    "check_bits", "check_values", "check_tensor", "signed_levels", "symmetric_scale", "symmetric_grid",
     "DITHER_BITS", "DITHER_HALF", "dither_levels", "dither", "round_stochastic",
     "quantize_symmetric", "binarize", "quantize_even",
     "quantize_activations", "quantize_unsigned", "quantize_asymmetric",
@@ -51,14 +51,9 @@ def check_bits(bits: object, low: int = 2, high: int = 32, name: str = "bits") -
     return int(bits)
 
 
-def _finite_range(x: object, name: str = "tensor", dim: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate ``x`` and return its (min, max): over the whole tensor, or per index
-    along ``dim`` (shaped to broadcast against ``x``).
-
-    One ``aminmax`` pass does both jobs: NaN and ±inf propagate into the extremes,
-    so the finiteness check costs nothing beyond the range we need anyway.
-    """
+def check_values(x: object, name: str = "tensor") -> torch.Tensor:
+    """Raise a ValueError unless ``x`` is a dense floating-point tensor that holds values
+    (not a meta or sparse tensor); return it."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -68,6 +63,18 @@ def _finite_range(x: object, name: str = "tensor", dim: int | None = None
                          "quantize a tensor that holds data")
     if x.layout != torch.strided:
         raise ValueError(f"{name} is a {x.layout} tensor; quantize x.to_dense()")
+    return x
+
+
+def _finite_range(x: object, name: str = "tensor", dim: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate ``x`` and return its (min, max): over the whole tensor, or per index
+    along ``dim`` (shaped to broadcast against ``x``).
+
+    One ``aminmax`` pass does both jobs: NaN and ±inf propagate into the extremes,
+    so the finiteness check costs nothing beyond the range we need anyway.
+    """
+    check_values(x, name)
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); nothing to quantize")
     x = x.detach()

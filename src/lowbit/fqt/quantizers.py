@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..quant import check_bits, dither
+from ..quant import check_bits, check_values, dither
 
 __all__ = ["GRAD_BITS", "FORWARD_BITS", "QUANTIZERS", "PTQ_VARIANTS", "check_grad_bits", "check_quantizer",
            "as_rows", "grid", "zero_code_grid", "code_scales", "sr_codes", "dequantize",
@@ -55,15 +55,7 @@ def check_quantizer(quantizer: object) -> str:
 def as_rows(g: object, name: str = "gradient") -> torch.Tensor:
     """``g`` as an (N, D) matrix, one row per sample, after checking its type and shape
     (finiteness is checked on the ranges, at no extra pass)."""
-    if not isinstance(g, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(g).__name__}")
-    if not g.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {g.dtype}")
-    if g.is_meta:
-        raise ValueError(f"{name} is a meta tensor (shape {tuple(g.shape)}, no values): "
-                         "quantize a tensor that holds data")
-    if g.is_sparse:
-        raise ValueError(f"{name} is a sparse tensor; quantize g.to_dense()")
+    check_values(g, name)
     if g.dim() < 1 or g.shape[0] == 0 or g.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(g.shape)}): the batch has no samples")
     return g.detach().reshape(g.shape[0], -1)
