@@ -74,25 +74,26 @@ def _check_finite(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, name: str
 
 
 # ----------------------------------------------------------------------------- grids
-def zero_code_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def zero_code_grid(lo: float, hi: float, bits: int) -> tuple[float, float]:
     """The official per-tensor grid (StatQuant's ``ScalarPreconditioner``): the range is
     widened to hold 0, then its top moved up until 0 falls exactly on a code
     z = ⌊−lo·B/(hi − lo)⌋, so the step is −lo/z. Returns (lo, span). Zero is a code, so the
     many near-zero entries of a gradient round between 0 and ±Δ, not between two codes
     that straddle zero. (z = 0, where the official code divides by zero, widens the bottom
-    instead: lo = −Δ with Δ = hi/(B − 1). At 1 bit a range with both signs cannot hold 0.)"""
+    instead: lo = −Δ with Δ = hi/(B − 1). At 1 bit a range with both signs cannot hold 0.)
+    Plain floats: one range, computed once per tensor."""
     big_b = 2 ** bits - 1
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     span = hi - lo
-    z = torch.floor(-lo * big_b / span.clamp(min=torch.finfo(span.dtype).tiny))
-    on_z = z >= 1
-    step = torch.where(on_z, -lo / z.clamp(min=1), span / big_b)
+    if lo == 0.0 or span == 0.0:
+        return lo, span
+    z = math.floor(-lo * big_b / span)
+    if z >= 1:
+        return lo, -lo / z * big_b
     if big_b > 1:  # zero at code 1: the bottom moves down by less than one step
-        low = ~on_z & (lo < 0)
-        step = torch.where(low, hi / (big_b - 1), step)
-        lo = torch.where(low, -step, lo)
-    return lo, step * big_b
+        step = hi / (big_b - 1)
+        return -step, step * big_b
+    return lo, span
 
 
 def grid(x: torch.Tensor, scope: str, bits: int, name: str = "gradient"
@@ -102,20 +103,22 @@ def grid(x: torch.Tensor, scope: str, bits: int, name: str = "gradient"
     or ``"column"`` (one per feature). Shaped to broadcast against ``x``; finiteness
     checked. A span below B times the dtype's smallest normal (an all-zero row, say) is
     raised to it, so rounding and dequantization use the same step."""
+    tiny = (2 ** bits - 1) * torch.finfo(x.dtype).tiny
     if scope in ("tensor", "tensor_minmax"):
         lo, hi = torch.aminmax(x)
-    elif scope in ("row", "column"):  # (amin and amax separately: aminmax along a dim is slow)
+        _check_finite(x, lo, hi, name)
+        if scope == "tensor":  # one range: plain floats cost less than ten tiny tensors
+            low, span = zero_code_grid(float(lo), float(hi), bits)
+            return (torch.tensor(low, dtype=x.dtype, device=x.device),
+                    torch.tensor(max(span, tiny), dtype=x.dtype, device=x.device))
+        return lo, (hi - lo).clamp_(min=tiny)
+    if scope in ("row", "column"):  # (amin and amax separately: aminmax along a dim is slow)
         dim = 1 if scope == "row" else 0
         lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    else:
-        raise ValueError(f"scope must be 'tensor', 'tensor_minmax', 'row' or 'column', "
-                         f"got {scope!r}")
-    _check_finite(x, lo, hi, name)
-    if scope == "tensor":
-        lo, span = zero_code_grid(lo, hi, bits)
-    else:
-        span = hi - lo
-    return lo, span.clamp(min=(2 ** bits - 1) * torch.finfo(x.dtype).tiny)
+        _check_finite(x, lo, hi, name)
+        return lo, (hi - lo).clamp_(min=tiny)
+    raise ValueError(f"scope must be 'tensor', 'tensor_minmax', 'row' or 'column', "
+                     f"got {scope!r}")
 
 
 def code_scales(span: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
