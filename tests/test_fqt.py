@@ -382,3 +382,39 @@ def test_bhq_matches_the_official_transform(seed):
     lo, hi = y.amin(1), y.amax(1)
     lo_r, hi_r = y_ref.amin(1), y_ref.amax(1)
     torch.testing.assert_close(lo / (hi - lo), lo_r / (hi_r - lo_r))  # the same codes
+
+
+def test_quantized_backward_keeps_the_forward_and_is_unbiased():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    w = fqt.wrap(net, "psq", 2)
+    torch.testing.assert_close(w(x), net(x))  # the forward is the wrapped layers'
+    nn.functional.cross_entropy(net(x), y).backward()
+    ref = net[0].weight.grad.clone()
+    fqt.configure(w, generator=torch.Generator().manual_seed(0))
+    draws = []
+    for _ in range(400):
+        w.zero_grad()
+        nn.functional.cross_entropy(w(x), y).backward()
+        draws.append(w[0].layer.weight.grad.clone())
+    d = torch.stack(draws)
+    assert float(d.var(0).sum()) > 0  # the gradient is quantized
+    err = (d.mean(0) - ref).abs()
+    assert bool((err <= 5 * d.std(0) / 20 + 1e-6).all())  # and unbiased
+    assert net[0].weight.grad is not None and w[0].layer is not net[0]  # a copy
+
+
+def test_quantized_backward_reaches_slb_logits_and_ste_weights():
+    from lowbit import slb
+    torch.manual_seed(5)
+    base = SmallCNN(widths=(2, 4))
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    for model in (slb.convert(base, 2), quant.prepare_qat(base, 2, act_bits=4)):
+        w = fqt.wrap(model, "bhq", 4)
+        assert sum(isinstance(m, fqt.QuantizedBackward) for m in w.modules()) == 3
+        nn.functional.cross_entropy(w(x), y).backward()
+        grads = [p.grad for p in w.parameters() if p.requires_grad]
+        assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    with pytest.raises(ValueError, match="wraps a conv or linear"):
+        fqt.QuantizedBackward(nn.ReLU())

@@ -107,3 +107,29 @@ def test_cache_write_failure_returns_the_trained_model(data_home, monkeypatch):
         net, hist = cache.load_or_train({"name": "ro"}, build, lambda m: train.History())
     assert isinstance(net, torch.nn.Module)
     assert not [p for p in data_home.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("weights,bits,act,grad", [("sgd", 2, 4, None), ("ste", 1, None, "psq"),
+                                                   ("psgd", 2, None, "bhq"), ("slb", 2, 4, "psq")])
+def test_train_lowbit_runs_every_method_and_deploys(data_home, weights, bits, act, grad):
+    from lowbit import recipes
+    r = recipes.Recipe(data="digits", model="cnn8", batch_size=64)
+    cfg = recipes.LowBitConfig(weights, bits, act, grad, 4, epochs=2, start_epochs=1)
+    model, h = recipes.train_lowbit(r, cfg, progress=False)
+    acc = h.extra["deployed_acc"][-1]
+    assert 0 <= acc <= 100 and len(h.test_acc) == 2
+    again, h2 = recipes.train_lowbit(r, cfg, progress=False)  # from the cache
+    assert h2.extra["deployed_acc"] == h.extra["deployed_acc"]
+    assert cfg.name == f"W{bits}A{act or 32}G{4 if grad else 32}"
+
+
+def test_lowbit_config_checks_its_settings():
+    from lowbit import recipes
+    with pytest.raises(ValueError, match="weights must be one of"):
+        recipes.LowBitConfig("lsq", 2)
+    with pytest.raises(ValueError, match="weight_bits for psgd must be from 2"):
+        recipes.LowBitConfig("psgd", 1)
+    with pytest.raises(ValueError, match="quantizer"):
+        recipes.LowBitConfig("ste", 2, grad_quantizer="per-channel")
+    with pytest.raises(ValueError, match="act_bits=None"):
+        recipes.LowBitConfig("fp", None, act_bits=4)

@@ -87,6 +87,16 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     return step
 
 
+def training_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes a training run keeps from step to step: the trainable parameters and the
+    optimizer's state (momentum, Adam's moments; run one step first so that it exists).
+    Activations and gradients, which every method needs alike, are left out."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state = sum(v.numel() * v.element_size() for s in optimizer.state.values()
+                for v in s.values() if isinstance(v, torch.Tensor))
+    return params + state
+
+
 def bench_psgd() -> dict[str, float]:
     """A full training step (forward, backward, optimizer) with PSGD against the same
     step with ``torch.optim.SGD``, on the book's CNN (MNIST-sized batch of 32) and on

@@ -164,3 +164,25 @@ def contour_with_paths(x, y, z, paths: Mapping[str, Sequence] | None = None,
     fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=height,
                       margin=dict(t=50, b=40, l=60, r=20))
     return fig
+
+
+def frontier_traces(table, methods: Sequence[str], x: str = "weight bits",
+                    y: str = "accuracy", reference: float | None = None,
+                    reference_name: str = "full precision") -> list[go.BasePlotlyType]:
+    """Accuracy against bits, one line with error bars per method: ``table`` has the
+    columns ``method``, ``x``, ``mean`` and ``std`` (one row per method and bit-width);
+    ``reference`` adds a dashed horizontal line (full precision)."""
+    traces = []
+    for i, name in enumerate(methods):
+        part = table[table.method == name].sort_values(x)
+        if part.empty:
+            continue
+        traces.append(go.Scatter(x=[str(v) for v in part[x]], y=part["mean"].tolist(),
+                                 error_y=dict(type="data", array=part["std"].tolist()),
+                                 name=name, mode="lines+markers",
+                                 line=dict(color=COLORS[i % len(COLORS)])))
+    if reference is not None:
+        xs = sorted({str(v) for v in table[x]}, key=float)
+        traces.append(go.Scatter(x=xs, y=[reference] * len(xs), name=reference_name,
+                                 mode="lines", line=dict(color="gray", dash="dash")))
+    return traces

@@ -449,8 +449,10 @@ def replace_layers(model: nn.Module, make: Callable[[str, nn.Module], nn.Module 
     layer)`` returns the new module (or None to keep the layer). With ``load_state`` the
     new module is given the old one's state dict; either way it moves to the old one's
     device. The one way the package swaps layers (QAT, SLB, FQT)."""
+    names = [n for n, _ in (quantizable_layers(model) if layers is None else layers)]
     model = copy.deepcopy(model) if copy_model else model
-    for name, m in list(quantizable_layers(model) if layers is None else layers):
+    for name in names:
+        m = model.get_submodule(name)  # the copy's layer, never the original's
         new = make(name, m)
         if new is None:
             continue
@@ -538,14 +540,14 @@ def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
     """Data-free layer-wise post-training quantization of a copy of ``model``.
 
     Every conv/linear weight is replaced by Q(w) at ``bits`` (per tensor, or per
-    output channel); biases and BatchNorm stay in full precision. With
+    output channel; at 1 bit, :func:`binarize`'s ±mean|w|); biases and BatchNorm stay in full precision. With
     ``act_bits``, activations after each ReLU are quantized too, their range taken
     from the preceding BatchNorm (``act_range='bn'``, no data needed) or from a
     few ``calib_data`` batches (``act_range='calibrate'``). With ``last_bias_bits`` the
     last layer's bias is quantized too, on a symmetric grid of its own (as the official
     PSGD code does). The original model is never modified.
     """
-    bits = check_bits(bits)
+    bits = check_bits(bits, 1)
     if last_bias_bits is not None:
         check_bits(last_bias_bits)
     if act_range not in ("bn", "calibrate"):
@@ -554,7 +556,8 @@ def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
     layers = quantizable_layers(q)
     for i, (name, m) in enumerate(layers):
         b = layer_bits(i, len(layers), bits, first_last_bits)
-        m.weight.copy_(quantize_symmetric(m.weight, b, per_channel))
+        m.weight.copy_(binarize(m.weight, per_channel) if b == 1
+                       else quantize_symmetric(m.weight, b, per_channel))
         m.weight_bits = b
     if last_bias_bits is not None and layers and layers[-1][1].bias is not None:
         last = layers[-1][1]

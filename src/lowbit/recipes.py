@@ -6,7 +6,9 @@ baseline as another reuses its trained weights instead of training again.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -15,8 +17,10 @@ from . import data, fqt as fqt_, models, psgd as psgd_, quant, slb as slb_
 from .cache import load_or_train
 from .train import History, evaluate, fit, seed_everything
 
-__all__ = ["Recipe", "PSGDConfig", "Start", "SLBConfig", "train_slb", "train_fqt", "loaders", "build", "train_fp", "train_qat", "finetune",
-           "l1_penalty"]
+__all__ = ["Recipe", "PSGDConfig", "Start", "SLBConfig", "train_slb", "fit_slb", "train_fqt",
+           "loaders", "build", "train_fp", "train_qat", "finetune", "l1_penalty",
+           "WEIGHT_METHODS", "LowBitConfig", "build_lowbit", "lowbit_optimizer", "train_lowbit",
+           "deploy"]
 
 
 @dataclass(frozen=True)
@@ -211,33 +215,40 @@ def train_slb(r: Recipe, cfg: SLBConfig = SLBConfig(), progress: bool = True
             start = slb_.convert(fp, cfg.bits, cfg.act_bits, sbn=cfg.sbn, alpha=cfg.alpha,
                                  temperature=cfg.schedule.start, init="nearest", seed=r.seed)
             model.load_state_dict(start.state_dict())
-        train_loader, test_loader = loaders(r)
-        total = cfg.epochs * (len(train_loader) if cfg.per == "step" else 1)
-        annealer = slb_.Annealer(model, cfg.schedule, total)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: 1.4x faster step
-
-        def on_epoch(epoch: int, h: History) -> None:
-            if cfg.per == "epoch":
-                annealer.step()
-            with slb_.use_state(model, "continuous"):
-                h.log(test_acc_continuous=evaluate(model, test_loader)[1])
-            h.log(gap=slb_.model_gap(model), temperature=annealer.temperature)
-
-        def on_batch(x: torch.Tensor, y: torch.Tensor) -> None:
-            if cfg.sbn:
-                slb_.update_discrete_stats(model, x)
-
-        seed_everything(r.seed)
-        h = fit(model, train_loader, cfg.epochs, opt, test_loader, progress=progress,
-                on_step=annealer.step if cfg.per == "step" else None, on_epoch=on_epoch,
-                on_batch=on_batch, desc=f"SLB W{cfg.bits}" + (f"A{cfg.act_bits}" if cfg.act_bits else ""))
-        if cfg.recalibrate:
-            slb_.recalibrate_bn(model, train_loader, "discrete", cfg.recalibrate)
-            h.log(test_acc_recalibrated=evaluate(model, test_loader)[1])
-        return h
+        return fit_slb(model, r, cfg, progress)
 
     config = {"name": "slb", **asdict(r), "slb": asdict(cfg)}
     return load_or_train(config, make, run)
+
+
+def fit_slb(model: nn.Module, r: Recipe, cfg: SLBConfig, progress: bool = True) -> History:
+    """SLB's training loop on an SLB model (:func:`lowbit.slb.convert`): Adam on the logits,
+    the temperature annealed along ``cfg.schedule``, the discrete statistics of state BN
+    collected by a second pass of each batch."""
+    train_loader, test_loader = loaders(r)
+    total = cfg.epochs * (len(train_loader) if cfg.per == "step" else 1)
+    annealer = slb_.Annealer(model, cfg.schedule, total)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: 1.4x faster step
+
+    def on_epoch(epoch: int, h: History) -> None:
+        if cfg.per == "epoch":
+            annealer.step()
+        with slb_.use_state(model, "continuous"):
+            h.log(test_acc_continuous=evaluate(model, test_loader)[1])
+        h.log(gap=slb_.model_gap(model), temperature=annealer.temperature)
+
+    def on_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+        if cfg.sbn:
+            slb_.update_discrete_stats(model, x)
+
+    seed_everything(r.seed)
+    h = fit(model, train_loader, cfg.epochs, opt, test_loader, progress=progress,
+            on_step=annealer.step if cfg.per == "step" else None, on_epoch=on_epoch,
+            on_batch=on_batch, desc=f"SLB W{cfg.bits}" + (f"A{cfg.act_bits}" if cfg.act_bits else ""))
+    if cfg.recalibrate:
+        slb_.recalibrate_bn(model, train_loader, "discrete", cfg.recalibrate)
+        h.log(test_acc_recalibrated=evaluate(model, test_loader)[1])
+    return h
 
 
 def train_fqt(r: Recipe, mode: str = "fqt", quantizer: str = "psq", grad_bits: int = 8,
@@ -274,3 +285,170 @@ def train_fqt(r: Recipe, mode: str = "fqt", quantizer: str = "psq", grad_bits: i
                    desc=name)
 
     return load_or_train({"name": "fqt", **asdict(r), **settings}, make, run)
+
+
+# ----------------------------------------------------------------------------- Part IV
+WEIGHT_METHODS = ("fp", "sgd", "ste", "psgd", "slb")
+
+
+@dataclass(frozen=True)
+class LowBitConfig:
+    """One run of Part IV: how the weights are made low-bit, and the activation and
+    gradient bits, on one budget of ``epochs`` (:func:`train_lowbit`).
+
+    ``weights``: ``"fp"`` (no quantization), ``"sgd"`` (SGD, then data-free post-training
+    quantization), ``"ste"`` (SGD for ``start_epochs``, then straight-through QAT),
+    ``"psgd"`` (SGD for ``start_epochs``, then PSGD aimed at the ``weight_bits`` grid, then
+    data-free quantization) or ``"slb"`` (SLB from scratch). ``act_bits``: activations
+    quantized while training (STE, SLB) or, data-free from BatchNorm, afterwards (SGD,
+    PSGD). ``grad_quantizer``: None, or the FQT quantizer of every layer's output gradient
+    at ``grad_bits``, for any weight method (:func:`lowbit.fqt.wrap`)."""
+    weights: str = "ste"
+    weight_bits: int | None = 4
+    act_bits: int | None = None
+    grad_quantizer: str | None = None
+    grad_bits: int = 8
+    epochs: int = 3
+    start_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_METHODS:
+            raise ValueError(f"weights must be one of {WEIGHT_METHODS}, got {self.weights!r}")
+        if self.weights != "fp":
+            if self.weight_bits is None:
+                raise ValueError(f"weights={self.weights!r} needs weight_bits")
+            quant.check_bits(self.weight_bits, 2 if self.weights == "psgd" else 1, 8,
+                             f"weight_bits for {self.weights}")
+        if self.act_bits is not None:
+            quant.check_bits(self.act_bits, 1, 32, "act_bits")
+            if self.weights == "fp":
+                raise ValueError("weights='fp' quantizes nothing: give act_bits=None")
+        if self.grad_quantizer is not None:
+            fqt_.configure(nn.Module(), "fqt", self.grad_quantizer, self.grad_bits)
+        if not 0 < self.start_epochs < self.epochs and self.weights in ("ste", "psgd"):
+            raise ValueError(f"start_epochs must be between 0 and epochs={self.epochs}, "
+                             f"got {self.start_epochs}")
+
+    @property
+    def name(self) -> str:
+        """``W2A4G8``-style: weight, activation and gradient bits (32: full precision)."""
+        w = 32 if self.weights == "fp" else self.weight_bits
+        g = self.grad_bits if self.grad_quantizer else 32
+        return f"W{w}A{self.act_bits or 32}G{g}"
+
+
+def _with_grads(model: nn.Module, cfg: LowBitConfig, seed: int) -> nn.Module:
+    if cfg.grad_quantizer is None:
+        return model
+    model = fqt_.wrap(model, cfg.grad_quantizer, cfg.grad_bits)
+    device = next(model.parameters()).device
+    fqt_.configure(model, generator=torch.Generator(device=device).manual_seed(seed))
+    return model
+
+
+def deploy(model: nn.Module, cfg: LowBitConfig) -> nn.Module:
+    """The low-bit model a trained :func:`train_lowbit` model stands for: data-free
+    quantization of the weights (and, from BatchNorm, the activations) for SGD and PSGD;
+    the model itself, in evaluation mode, for the STE (fake-quantized weights) and SLB
+    (argmax weights, discrete statistics)."""
+    if cfg.weights in ("sgd", "psgd"):
+        has_act = any(isinstance(m, quant.ActQuant) for m in model.modules())
+        return quant.quantize_model(model, cfg.weight_bits,
+                                    act_bits=None if has_act else cfg.act_bits)
+    return copy.deepcopy(model).eval()
+
+
+def build_lowbit(r: Recipe, cfg: LowBitConfig) -> nn.Module:
+    """The recipe's untrained model in the form ``cfg`` trains: STE-QAT layers, SLB layers
+    (with state BN), or plain; each layer wrapped for quantized gradients if asked."""
+    m = build(r)
+    if cfg.weights == "ste":
+        m = quant.prepare_qat(m, cfg.weight_bits, cfg.act_bits)
+    elif cfg.weights == "slb":
+        m = slb_.convert(m, cfg.weight_bits, cfg.act_bits, seed=r.seed)
+    return _with_grads(m, cfg, r.seed)
+
+
+def lowbit_optimizer(model: nn.Module, r: Recipe, cfg: LowBitConfig
+                     ) -> tuple[torch.optim.Optimizer, Callable | None]:
+    """The optimizer of ``cfg``'s low-bit phase for a :func:`build_lowbit` model, and what
+    runs after each step on the batch (SLB's second pass for the discrete statistics):
+    SGD with the recipe's settings (full precision, SGD), SGD at lr 0.005 (STE-QAT), PSGD
+    aimed at the weight grid (lr 0.01, no weight decay), Adam (SLB, as
+    :func:`fit_slb`)."""
+    if cfg.weights == "slb":
+        opt = torch.optim.Adam(model.parameters(), lr=SLBConfig.lr, fused=True)
+        return opt, lambda x: slb_.update_discrete_stats(model, x)
+    if cfg.weights == "ste":
+        return torch.optim.SGD(model.parameters(), lr=0.005, momentum=r.momentum), None
+    if cfg.weights == "psgd":
+        return psgd_.PSGD(psgd_.param_groups(model, cfg.weight_bits), lr=0.01,
+                          momentum=r.momentum, weight_decay=0.0, bits=cfg.weight_bits), None
+    return torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum,
+                           weight_decay=r.weight_decay), None
+
+
+def train_lowbit(r: Recipe, cfg: LowBitConfig, progress: bool = True
+                 ) -> tuple[nn.Module, History]:
+    """Train (or load from the cache) one Part IV run; :func:`deploy` gives its low-bit
+    model. The recipe supplies the data, the architecture, SGD's settings and the seed; the
+    budget is ``cfg.epochs`` in total for every method. The history's ``test_acc`` is the
+    trained model's accuracy per epoch (full precision for SGD and PSGD); its
+    ``extra["deployed_acc"]`` holds the deployed model's final accuracy."""
+    r_budget = r.with_(epochs=cfg.epochs)
+    r_start = r.with_(epochs=cfg.start_epochs)
+
+    def make() -> nn.Module:
+        return build_lowbit(r, cfg)
+
+    def run(model: nn.Module) -> History:
+        train_loader, test_loader = loaders(r)
+        rest = cfg.epochs - cfg.start_epochs
+        if cfg.weights in ("fp", "sgd", "psgd") and (cfg.act_bits is not None
+                                                    or cfg.weights == "sgd"):
+            # their training does not depend on the bits quantized afterwards: share it
+            shared = replace(cfg, act_bits=None, **({"weights": "fp", "weight_bits": None}
+                                                    if cfg.weights == "sgd" else {}))
+            base, h = train_lowbit(r, shared, progress)
+            model.load_state_dict(base.state_dict())
+            h = History.from_dict(h.to_dict())
+            h.extra.pop("deployed_acc", None)
+        elif cfg.weights == "slb":
+            h = fit_slb(model, r, SLBConfig(bits=cfg.weight_bits, act_bits=cfg.act_bits,
+                                            epochs=cfg.epochs), progress)
+        elif cfg.weights == "fp" and cfg.grad_quantizer is None:  # the book's fp run
+            fp, h = train_fp(r_budget, progress=progress)
+            model.load_state_dict(fp.state_dict())
+            h = History.from_dict(h.to_dict())
+        elif cfg.weights == "fp":
+            opt, _ = lowbit_optimizer(model, r, cfg)
+            seed_everything(r.seed)
+            h = fit(model, train_loader, cfg.epochs, opt, test_loader, progress=progress,
+                    desc=f"SGD {cfg.name}")
+        else:  # SGD first, then the STE or PSGD, on the same model
+            fp, h = train_fp(r_start, progress=progress)
+            inner = _without_grads(model)
+            inner.load_state_dict(quant.prepare_qat(fp, cfg.weight_bits, cfg.act_bits)
+                                  .state_dict() if cfg.weights == "ste" else fp.state_dict())
+            opt, _ = lowbit_optimizer(model, r, cfg)
+            seed_everything(r.seed)
+            h = fit(model, train_loader, rest, opt, test_loader, progress=progress,
+                    history=History.from_dict(h.to_dict()), desc=f"{cfg.weights} {cfg.name}")
+        h.log(deployed_acc=evaluate(deploy(model, cfg), test_loader)[1])
+        return h
+
+    config = {"name": "lowbit", **asdict(r), "lowbit": asdict(cfg)}
+    return load_or_train(config, make, run)
+
+
+def _without_grads(model: nn.Module) -> nn.Module:
+    """The model as it is without its :class:`lowbit.fqt.QuantizedBackward` wrappers (the
+    same modules, a new tree): for loading a start whose state dict has no wrappers."""
+    if not any(isinstance(m, fqt_.QuantizedBackward) for m in model.modules()):
+        return model
+    plain = copy.copy(model)
+    plain._modules = dict(model._modules)
+    for name, m in list(plain.named_children()):
+        plain._modules[name] = m.layer if isinstance(m, fqt_.QuantizedBackward) \
+            else _without_grads(m)
+    return plain

@@ -32,8 +32,8 @@ from .quantizers import (FORWARD_BITS, GRAD_BITS, PTQ_VARIANTS, QUANTIZERS, BHQP
                          householder_max, quantize_bhq, quantize_copies, quantize_gradient,
                          quantize_psq, quantize_ptq, reflect, sr_codes, zero_code_grid)
 from .kernel import Workspace, can_compile, compiled, quantize_copies_compiled, sr_loop
-from .layers import (FQTConv2d, FQTFunction, FQTLinear, backward_copies, configure, convert,
-                     fqt_layers, forward_quant)
+from .layers import (FQTConv2d, FQTFunction, FQTLinear, QuantizedBackward, backward_copies,
+                     configure, convert, fqt_layers, forward_quant, wrap)
 from .measure import (bins_used, codes, gradient_statistics, layer_gradients,
                       output_gradients, variance_bound)
 
@@ -43,6 +43,7 @@ __all__ = ["FORWARD_BITS", "GRAD_BITS", "PTQ_VARIANTS", "QUANTIZERS", "BHQPlan",
            "quantize_bhq", "quantize_copies", "quantize_gradient", "quantize_psq",
            "quantize_ptq", "reflect", "sr_codes", "zero_code_grid", "Workspace",
            "can_compile", "compiled", "quantize_copies_compiled", "sr_loop", "FQTConv2d",
-           "FQTFunction", "FQTLinear", "backward_copies", "configure", "convert",
+           "FQTFunction", "FQTLinear", "QuantizedBackward", "backward_copies", "configure",
+           "convert", "wrap",
            "fqt_layers", "forward_quant", "bins_used", "codes", "gradient_statistics",
            "layer_gradients", "output_gradients", "variance_bound"]

@@ -10,7 +10,8 @@ from .kernel import Workspace, can_compile, quantize_copies_compiled
 from .quantizers import FORWARD_BITS, as_rows, check_grad_bits, check_quantizer, \
     quantize_copies
 
-__all__ = ["FQTFunction", "FQTLinear", "FQTConv2d", "configure", "convert", "backward_copies"]
+__all__ = ["FQTFunction", "FQTLinear", "FQTConv2d", "QuantizedBackward", "configure", "convert",
+           "wrap", "backward_copies"]
 
 
 def forward_quant(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +40,7 @@ class FQTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, layer):
-        xq, wq = forward_quant(x, w)
+        xq, wq = forward_quant(x, w) if layer.forward_bits else (x, w)
         ctx.save_for_backward(xq, wq)
         ctx.layer = layer
         return layer._op(xq, wq, bias)
@@ -71,6 +72,10 @@ class FQTFunction(torch.autograd.Function):
 class _FQTLayer:
     """Shared settings of the QAT/FQT layers, kept in the state dict (the generator is not:
     set it again with :func:`configure`)."""
+
+    #: QAT's forward quantization (8 bits), or None: the input and weight are used as they
+    #: come (:class:`QuantizedBackward`: the wrapped layer and ActQuant quantize them).
+    forward_bits: int | None = FORWARD_BITS
 
     def _set_fqt(self, mode: str, quantizer: str, grad_bits: int) -> None:
         configure(self, mode, quantizer, grad_bits)
@@ -148,6 +153,76 @@ class FQTConv2d(_FQTLayer, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return FQTFunction.apply(x, self.weight, self.bias, self)
+
+
+class QuantizedBackward(_FQTLayer, nn.Module):
+    """FQT's backward for any layer whose forward is ``op(x, weight) + bias``: a conv or
+    linear layer, an STE-QAT layer (its fake-quantized weight), an SLB layer (its expected
+    or discrete weight). The forward is the wrapped layer's, unchanged (activations are
+    quantized by the model's :class:`lowbit.quant.ActQuant` modules); the backward
+    quantizes the output gradient as :class:`FQTFunction` does, and the weight gradient
+    flows on into whatever made the weight (SLB's logits, the STE's latent weight).
+    :func:`wrap` puts one around every such layer of a model, for low-bit weights,
+    activations and gradients together."""
+
+    forward_bits = None
+
+    def __init__(self, layer: nn.Module, mode: str = "fqt", quantizer: str = "psq",
+                 grad_bits: int = 8) -> None:
+        super().__init__()
+        if not hasattr(layer, "in_channels") and not hasattr(layer, "in_features"):
+            raise ValueError(f"QuantizedBackward wraps a conv or linear layer (or an SLB or "
+                             f"QAT one), got {type(layer).__name__}")
+        self.layer = layer
+        self._conv = hasattr(layer, "in_channels")
+        self._set_fqt(mode, quantizer, grad_bits)
+
+    def weight_used(self) -> torch.Tensor:
+        """The weight the wrapped layer's forward would use now."""
+        m = self.layer
+        if hasattr(m, "effective_weight"):  # SLB: expectation or argmax, by state
+            return m.effective_weight()
+        if hasattr(m, "quantized_weight"):  # STE-QAT
+            return m.quantized_weight()
+        return m.weight
+
+    def _op(self, x, w, b):
+        m = self.layer
+        if self._conv:
+            return F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+        return F.linear(x, w, b)
+
+    def _grad_input(self, shape, w, g):
+        m = self.layer
+        if self._conv:
+            return torch.nn.grad.conv2d_input(shape, w, g, m.stride, m.padding, m.dilation,
+                                              m.groups)
+        return g @ w
+
+    def _grad_weight(self, x, shape, g):
+        m = self.layer
+        if self._conv:
+            return torch.nn.grad.conv2d_weight(x, shape, g, m.stride, m.padding, m.dilation,
+                                               m.groups)
+        return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+    def _grad_bias(self, g):
+        return g.sum(dim=(0, 2, 3)) if self._conv else g.reshape(-1, g.shape[-1]).sum(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FQTFunction.apply(x, self.weight_used(), self.layer.bias, self)
+
+
+def wrap(model: nn.Module, quantizer: str = "psq", grad_bits: int = 8,
+         mode: str = "fqt") -> nn.Module:
+    """A copy of ``model`` with :class:`QuantizedBackward` around every conv, linear, SLB
+    and STE-QAT layer: the forward stays, the output gradients are quantized."""
+    configure(nn.Module(), mode, quantizer, grad_bits)  # check before copying anything
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear)) or hasattr(m, "effective_weight")]
+    return replace_layers(model, lambda name, m: QuantizedBackward(m, mode, quantizer,
+                                                                   grad_bits),
+                          layers, load_state=False)
 
 
 def fqt_layers(module: nn.Module) -> list[nn.Module]:
