@@ -181,8 +181,8 @@ def frontier_traces(table, methods: Sequence[str], x: str = "weight bits",
                                  error_y=dict(type="data", array=part["std"].tolist()),
                                  name=name, mode="lines+markers",
                                  line=dict(color=COLORS[i % len(COLORS)])))
-    if reference is not None:
-        xs = sorted({str(v) for v in table[x]}, key=float)
+    if reference is not None:  # across the methods' bit-widths
+        xs = sorted({str(v) for v in table[table.method.isin(methods)][x]}, key=float)
         traces.append(go.Scatter(x=xs, y=[reference] * len(xs), name=reference_name,
                                  mode="lines", line=dict(color="gray", dash="dash")))
     return traces
