@@ -27,7 +27,7 @@ from torch import nn
 Rounding = Literal["nearest", "stochastic"]
 
 __all__ = [
-    "check_bits", "check_values", "check_tensor", "signed_levels", "symmetric_scale", "symmetric_grid",
+    "check_bits", "check_values", "check_tensor", "check_extra_state", "signed_levels", "symmetric_scale", "symmetric_grid",
     "DITHER_BITS", "DITHER_HALF", "dither_levels", "dither", "round_stochastic",
     "quantize_symmetric", "binarize", "quantize_even",
     "quantize_activations", "quantize_unsigned", "quantize_asymmetric",
@@ -329,7 +329,7 @@ class _UnsignedSTE(torch.autograd.Function):
         return grad_out * inside, None, None
 
 
-def _check_extra(module: nn.Module, extra: object, keys: tuple[str, ...]) -> None:
+def check_extra_state(module: nn.Module, extra: object, keys: tuple[str, ...]) -> None:
     """Raise a ValueError unless ``extra`` is the dict of ``keys`` a state dict holds for
     ``module`` (its settings that change the output)."""
     if not isinstance(extra, dict) or set(extra) != set(keys):
@@ -377,7 +377,7 @@ class ActQuant(nn.Module):
         return {"bits": self.bits, "momentum": self.momentum, "calibrating": self.calibrating}
 
     def set_extra_state(self, extra: dict) -> None:
-        _check_extra(self, extra, ("bits", "momentum", "calibrating"))
+        check_extra_state(self, extra, ("bits", "momentum", "calibrating"))
         self.bits = check_bits(extra["bits"], 1, 32)
         self.momentum, self.calibrating = float(extra["momentum"]), bool(extra["calibrating"])
 
@@ -403,7 +403,7 @@ class _FakeQuantWeight:
                 "grid": self.grid}
 
     def set_extra_state(self, extra: dict) -> None:
-        _check_extra(self, extra, ("weight_bits", "per_channel", "grid"))
+        check_extra_state(self, extra, ("weight_bits", "per_channel", "grid"))
         self._set_quant(extra["weight_bits"], bool(extra["per_channel"]), extra["grid"])
 
 
@@ -505,8 +505,8 @@ def prepare_qat(model: nn.Module, weight_bits: int, act_bits: int | None = None,
     with ``act_bits``, every ReLU is followed by an :class:`ActQuant` with a running max.
     """
     check_bits(weight_bits, 1, name="weight_bits")
-    count = len(quantizable_layers(model))
     index = {name: i for i, (name, _) in enumerate(quantizable_layers(model))}
+    count = len(index)
 
     def qat_layer(name: str, m: nn.Module) -> nn.Module:
         b = layer_bits(index[name], count, weight_bits, first_last_bits)
@@ -549,7 +549,7 @@ def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
     """
     bits = check_bits(bits, 1)
     if last_bias_bits is not None:
-        check_bits(last_bias_bits)
+        last_bias_bits = check_bits(last_bias_bits)
     if act_range not in ("bn", "calibrate"):
         raise ValueError(f"act_range must be 'bn' or 'calibrate', got {act_range!r}")
     q = copy.deepcopy(model).eval()
@@ -561,7 +561,7 @@ def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
         m.weight_bits = b
     if last_bias_bits is not None and layers and layers[-1][1].bias is not None:
         last = layers[-1][1]
-        last.bias.copy_(quantize_symmetric(last.bias, check_bits(last_bias_bits)))
+        last.bias.copy_(quantize_symmetric(last.bias, last_bias_bits))
     if act_bits is not None:
         _replace_relus(q, check_bits(act_bits, 1, 32, "act_bits"),
                        from_bn=act_range == "bn", n_sigma=n_sigma)

@@ -324,7 +324,7 @@ class LowBitConfig:
             if self.weights == "fp":
                 raise ValueError("weights='fp' quantizes nothing: give act_bits=None")
         if self.grad_quantizer is not None:
-            fqt_.configure(nn.Module(), "fqt", self.grad_quantizer, self.grad_bits)
+            fqt_.check_settings("fqt", self.grad_quantizer, self.grad_bits)
         if not 0 < self.start_epochs < self.epochs and self.weights in ("ste", "psgd"):
             raise ValueError(f"start_epochs must be between 0 and epochs={self.epochs}, "
                              f"got {self.start_epochs}")
@@ -427,9 +427,9 @@ def train_lowbit(r: Recipe, cfg: LowBitConfig, progress: bool = True
                     desc=f"SGD {cfg.name}")
         else:  # SGD first, then the STE or PSGD, on the same model
             fp, h = train_fp(r_start, progress=progress)
-            inner = _without_grads(model)
-            inner.load_state_dict(quant.prepare_qat(fp, cfg.weight_bits, cfg.act_bits)
-                                  .state_dict() if cfg.weights == "ste" else fp.state_dict())
+            start = quant.prepare_qat(fp, cfg.weight_bits, cfg.act_bits) \
+                if cfg.weights == "ste" else fp
+            _load_unwrapped(model, start.state_dict())
             opt, _ = lowbit_optimizer(model, r, cfg)
             seed_everything(r.seed)
             h = fit(model, train_loader, rest, opt, test_loader, progress=progress,
@@ -441,14 +441,22 @@ def train_lowbit(r: Recipe, cfg: LowBitConfig, progress: bool = True
     return load_or_train(config, make, run)
 
 
-def _without_grads(model: nn.Module) -> nn.Module:
-    """The model as it is without its :class:`lowbit.fqt.QuantizedBackward` wrappers (the
-    same modules, a new tree): for loading a start whose state dict has no wrappers."""
-    if not any(isinstance(m, fqt_.QuantizedBackward) for m in model.modules()):
-        return model
-    plain = copy.copy(model)
-    plain._modules = dict(model._modules)
-    for name, m in list(plain.named_children()):
-        plain._modules[name] = m.layer if isinstance(m, fqt_.QuantizedBackward) \
-            else _without_grads(m)
-    return plain
+def _load_unwrapped(model: nn.Module, state: dict) -> None:
+    """Load ``state``, saved from the same model without :class:`lowbit.fqt.QuantizedBackward`
+    wrappers, into ``model``: a wrapped layer's entries live under ``….layer.``; the
+    wrappers' own settings (their extra state) stay as they are."""
+    wrappers = {n for n, m in model.named_modules() if isinstance(m, fqt_.QuantizedBackward)}
+    mapped = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in wrappers:  # a wrapper's own entry (its extra state)
+            mapped[key] = value
+            continue
+        for w in wrappers:  # "features.0.layer.weight" was "features.0.weight"
+            if key.startswith(w + ".layer."):
+                key_before = w + "." + key[len(w) + len(".layer."):]
+                break
+        else:
+            key_before = key
+        mapped[key] = state[key_before]
+    model.load_state_dict(mapped)

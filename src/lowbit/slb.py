@@ -152,9 +152,7 @@ class _SLBWeight(nn.Module):
         return {"temperature": self.temperature, "state": self.state}
 
     def set_extra_state(self, extra: dict) -> None:
-        if not isinstance(extra, dict) or set(extra) != {"temperature", "state"}:
-            raise ValueError(f"an SLB layer's extra state is {{'temperature', 'state'}}, "
-                             f"got {extra!r}")
+        quant.check_extra_state(self, extra, ("temperature", "state"))
         self.temperature = check_temperature(extra["temperature"])
         self.state = _check_state(extra["state"])
 
@@ -258,8 +256,7 @@ class _StateBatchNorm(nn.Module):
         return {"state": self.state}
 
     def set_extra_state(self, extra: dict) -> None:
-        if not isinstance(extra, dict) or set(extra) != {"state"}:
-            raise ValueError(f"a state BN's extra state is {{'state'}}, got {extra!r}")
+        quant.check_extra_state(self, extra, ("state",))
         self.state = _check_state(extra["state"])
 
     def extra_repr(self) -> str:

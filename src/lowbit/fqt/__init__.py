@@ -30,10 +30,11 @@ from .quantizers import (FORWARD_BITS, GRAD_BITS, PTQ_VARIANTS, QUANTIZERS, BHQP
                          as_rows, bhq_groups, bhq_plan, bhq_transform, check_grad_bits,
                          check_quantizer, code_scales, dequantize, grid, householder,
                          householder_max, quantize_bhq, quantize_copies, quantize_gradient,
-                         quantize_psq, quantize_ptq, reflect, sr_codes, zero_code_grid)
+                         quantize_psq, quantize_ptq, reflect, rows_on_grid, sr_codes,
+                         zero_code_grid)
 from .kernel import Workspace, can_compile, compiled, quantize_copies_compiled, sr_loop
 from .layers import (FQTConv2d, FQTFunction, FQTLinear, QuantizedBackward, backward_copies,
-                     configure, convert, fqt_layers, forward_quant, wrap)
+                     check_settings, configure, convert, fqt_layers, forward_quant, wrap)
 from .measure import (bins_used, codes, gradient_statistics, layer_gradients,
                       output_gradients, variance_bound)
 
@@ -41,9 +42,9 @@ __all__ = ["FORWARD_BITS", "GRAD_BITS", "PTQ_VARIANTS", "QUANTIZERS", "BHQPlan",
            "bhq_groups", "bhq_plan", "bhq_transform", "check_grad_bits", "check_quantizer",
            "code_scales", "dequantize", "grid", "householder", "householder_max",
            "quantize_bhq", "quantize_copies", "quantize_gradient", "quantize_psq",
-           "quantize_ptq", "reflect", "sr_codes", "zero_code_grid", "Workspace",
+           "quantize_ptq", "reflect", "rows_on_grid", "sr_codes", "zero_code_grid", "Workspace",
            "can_compile", "compiled", "quantize_copies_compiled", "sr_loop", "FQTConv2d",
-           "FQTFunction", "FQTLinear", "QuantizedBackward", "backward_copies", "configure",
+           "FQTFunction", "FQTLinear", "QuantizedBackward", "backward_copies", "check_settings", "configure",
            "convert", "wrap",
            "fqt_layers", "forward_quant", "bins_used", "codes", "gradient_statistics",
            "layer_gradients", "output_gradients", "variance_bound"]

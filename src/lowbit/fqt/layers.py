@@ -5,12 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import quantize_asymmetric, quantize_symmetric, replace_layers
+from ..quant import check_extra_state, quantize_asymmetric, quantize_symmetric, \
+    replace_layers
 from .kernel import Workspace, can_compile, quantize_copies_compiled
 from .quantizers import FORWARD_BITS, as_rows, check_grad_bits, check_quantizer, \
     quantize_copies
 
-__all__ = ["FQTFunction", "FQTLinear", "FQTConv2d", "QuantizedBackward", "configure", "convert",
+__all__ = ["FQTFunction", "FQTLinear", "FQTConv2d", "QuantizedBackward", "check_settings",
+           "configure", "convert",
            "wrap", "backward_copies"]
 
 
@@ -95,9 +97,7 @@ class _FQTLayer:
         return {"mode": self.mode, "quantizer": self.quantizer, "grad_bits": self.grad_bits}
 
     def set_extra_state(self, extra: dict) -> None:
-        if not isinstance(extra, dict) or set(extra) != {"mode", "quantizer", "grad_bits"}:
-            raise ValueError(f"an FQT layer's extra state is a dict of mode, quantizer and "
-                             f"grad_bits, got {extra!r}")
+        check_extra_state(self, extra, ("mode", "quantizer", "grad_bits"))
         configure(self, extra["mode"], extra["quantizer"], extra["grad_bits"])
 
     def extra_repr(self) -> str:
@@ -217,7 +217,7 @@ def wrap(model: nn.Module, quantizer: str = "psq", grad_bits: int = 8,
          mode: str = "fqt") -> nn.Module:
     """A copy of ``model`` with :class:`QuantizedBackward` around every conv, linear, SLB
     and STE-QAT layer: the forward stays, the output gradients are quantized."""
-    configure(nn.Module(), mode, quantizer, grad_bits)  # check before copying anything
+    check_settings(mode, quantizer, grad_bits)  # before copying anything
     layers = [(n, m) for n, m in model.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear)) or hasattr(m, "effective_weight")]
     return replace_layers(model, lambda name, m: QuantizedBackward(m, mode, quantizer,
@@ -231,17 +231,23 @@ def fqt_layers(module: nn.Module) -> list[nn.Module]:
         [m for m in module.modules() if isinstance(m, _FQTLayer)]
 
 
-def configure(module: nn.Module, mode: str | None = None, quantizer: str | None = None,
-              grad_bits: int | None = None, generator: torch.Generator | None = None) -> None:
-    """Set the mode (``"qat"`` or ``"fqt"``), gradient quantizer and bits of every FQT layer
-    in ``module`` (or of the layer itself); arguments left as None are kept. Everything is
-    checked before anything is set."""
+def check_settings(mode: str | None = None, quantizer: str | None = None,
+                   grad_bits: int | None = None) -> int | None:
+    """Raise a ValueError unless the given FQT settings are valid (None: not given);
+    return ``grad_bits`` as an int."""
     if mode is not None and mode not in ("qat", "fqt"):
         raise ValueError(f"mode must be 'qat' or 'fqt', got {mode!r}")
     if quantizer is not None:
         check_quantizer(quantizer)
-    if grad_bits is not None:
-        grad_bits = check_grad_bits(grad_bits)
+    return None if grad_bits is None else check_grad_bits(grad_bits)
+
+
+def configure(module: nn.Module, mode: str | None = None, quantizer: str | None = None,
+              grad_bits: int | None = None, generator: torch.Generator | None = None) -> None:
+    """Set the mode (``"qat"`` or ``"fqt"``), gradient quantizer and bits of every FQT layer
+    in ``module`` (or of the layer itself); arguments left as None are kept. Everything is
+    checked (:func:`check_settings`) before anything is set."""
+    grad_bits = check_settings(mode, quantizer, grad_bits)
     for m in fqt_layers(module):
         if mode is not None:
             m.mode = mode
@@ -257,7 +263,7 @@ def convert(model: nn.Module, mode: str = "fqt", quantizer: str = "psq",
             grad_bits: int = 8) -> nn.Module:
     """A copy of ``model`` whose conv and linear layers are :class:`FQTConv2d` /
     :class:`FQTLinear` in ``mode`` (QAT: full-precision backward; FQT: quantized)."""
-    configure(nn.Module(), mode, quantizer, grad_bits)  # check before copying anything
+    check_settings(mode, quantizer, grad_bits)  # before copying anything
     kw = dict(mode=mode, quantizer=quantizer, grad_bits=grad_bits)
 
     def fqt_layer(name: str, m: nn.Module) -> nn.Module:

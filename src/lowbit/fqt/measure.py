@@ -12,8 +12,8 @@ from torch import nn
 
 from ..train import loss_and_correct
 from .layers import _FQTLayer, configure
-from .quantizers import _SCOPE, as_rows, bhq_plan, check_grad_bits, check_quantizer, grid, \
-    reflect, sr_codes
+from .quantizers import _SCOPE, as_rows, check_grad_bits, check_quantizer, grid, \
+    rows_on_grid, sr_codes
 from ..quant import dither
 
 __all__ = ["codes", "bins_used", "variance_bound", "output_gradients", "layer_gradients",
@@ -27,12 +27,8 @@ def codes(g: torch.Tensor, bits: int, quantizer: str = "ptq",
     the rows of ``g`` — in the transformed domain for BHQ."""
     x = as_rows(g)
     b = check_grad_bits(bits)
-    check_quantizer(quantizer)
-    if quantizer == "bhq":
-        plan = bhq_plan(x)
-        x = reflect(x * plan.scale.unsqueeze(1), plan)
-    lo, span = grid(x, _SCOPE[quantizer], b)
-    return sr_codes(x - lo, span, b, dither(x, generator))
+    y, lo, span, _ = rows_on_grid(x, check_quantizer(quantizer), b)
+    return sr_codes(y - lo, span, b, dither(y, generator))
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from ..quant import check_bits, check_values, dither
 
 __all__ = ["GRAD_BITS", "FORWARD_BITS", "QUANTIZERS", "PTQ_VARIANTS", "check_grad_bits", "check_quantizer",
            "as_rows", "grid", "zero_code_grid", "code_scales", "sr_codes", "dequantize",
-           "quantize_copies", "quantize_ptq", "quantize_psq", "quantize_bhq",
+           "rows_on_grid", "quantize_copies", "quantize_ptq", "quantize_psq", "quantize_bhq",
            "quantize_gradient", "householder", "householder_max", "BHQPlan", "bhq_plan",
            "bhq_groups", "reflect", "bhq_transform"]
 
@@ -270,6 +270,19 @@ def bhq_transform(g: torch.Tensor, n_groups: int | None = None
 
 
 # ----------------------------------------------------------------------------- quantizing
+def rows_on_grid(x: torch.Tensor, how: str, bits: int, n_groups: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, BHQPlan | None]:
+    """What a quantizer rounds, and on which grid: (rows, lo, span, BHQ plan or None). The
+    rows are ``x`` itself on the grid of ``how`` (a quantizer or a :func:`grid` scope), or,
+    for BHQ, ``x`` transformed (:func:`bhq_transform`) on per-row grids, with the plan
+    that undoes the transform."""
+    if how == "bhq":
+        plan = bhq_plan(x, n_groups)
+        y = reflect(x * plan.scale.unsqueeze(1), plan)
+        return (y, *grid(y, "row", bits), plan)
+    return (x, *grid(x, _SCOPE.get(how, how), bits), None)
+
+
 def quantize_copies(x: torch.Tensor, copies: tuple[tuple[int, str], ...],
                     generator: torch.Generator | None = None, u: torch.Tensor | None = None,
                     out: list[torch.Tensor | None] | None = None,
@@ -289,14 +302,7 @@ def quantize_copies(x: torch.Tensor, copies: tuple[tuple[int, str], ...],
     out = out or [None] * len(copies)
     results = []
     for (bits, how), o in zip(copies, out):
-        plan = None
-        if how == "bhq":
-            plan = bhq_plan(x, n_groups)
-            y = reflect(x * plan.scale.unsqueeze(1), plan)
-            lo, span = grid(y, "row", bits)
-        else:
-            y = x
-            lo, span = grid(x, _SCOPE.get(how, how), bits)
+        y, lo, span, plan = rows_on_grid(x, how, bits, n_groups)
         q = dequantize(sr_codes(torch.sub(y, lo, out=o), span, bits, u, out=o), lo, span, bits)
         if plan is not None:
             q = reflect(q, plan).div_(plan.scale.unsqueeze(1))
