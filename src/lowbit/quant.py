@@ -549,7 +549,7 @@ def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
     """
     bits = check_bits(bits, 1)
     if last_bias_bits is not None:
-        last_bias_bits = check_bits(last_bias_bits)
+        last_bias_bits = check_bits(last_bias_bits, name="last_bias_bits")
     if act_range not in ("bn", "calibrate"):
         raise ValueError(f"act_range must be 'bn' or 'calibrate', got {act_range!r}")
     q = copy.deepcopy(model).eval()
