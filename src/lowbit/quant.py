@@ -536,7 +536,9 @@ def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
                    act_bits: int | None = None, act_range: str = "bn", n_sigma: float = 6.0,
                    calib_data: Iterable | None = None,
                    first_last_bits: int | None = None,
-                   last_bias_bits: int | None = None) -> nn.Module:
+                   last_bias_bits: int | None = None,
+                   weight_quantizer: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+                   ) -> nn.Module:
     """Data-free layer-wise post-training quantization of a copy of ``model``.
 
     Every conv/linear weight is replaced by Q(w) at ``bits`` (per tensor, or per
@@ -545,7 +547,9 @@ def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
     from the preceding BatchNorm (``act_range='bn'``, no data needed) or from a
     few ``calib_data`` batches (``act_range='calibrate'``). With ``last_bias_bits`` the
     last layer's bias is quantized too, on a symmetric grid of its own (as the official
-    PSGD code does). The original model is never modified.
+    PSGD code does). ``weight_quantizer(w, bits)`` replaces the symmetric grid for every
+    layer (ACIQ's clipping, a float format: :mod:`lowbit.baselines`). The original model is
+    never modified.
     """
     bits = check_bits(bits, 1)
     if last_bias_bits is not None:
@@ -556,8 +560,16 @@ def quantize_model(model: nn.Module, bits: int, per_channel: bool = False,
     layers = quantizable_layers(q)
     for i, (name, m) in enumerate(layers):
         b = layer_bits(i, len(layers), bits, first_last_bits)
-        m.weight.copy_(binarize(m.weight, per_channel) if b == 1
-                       else quantize_symmetric(m.weight, b, per_channel))
+        if weight_quantizer is not None:
+            qw = weight_quantizer(m.weight, b)
+            if not (isinstance(qw, torch.Tensor) and qw.shape == m.weight.shape):
+                raise ValueError(f"weight_quantizer must return a tensor of the weight's shape "
+                                 f"{tuple(m.weight.shape)} (layer {name!r}), got "
+                                 f"{getattr(qw, 'shape', type(qw).__name__)}")
+            m.weight.copy_(qw)
+        else:
+            m.weight.copy_(binarize(m.weight, per_channel) if b == 1
+                           else quantize_symmetric(m.weight, b, per_channel))
         m.weight_bits = b
     if last_bias_bits is not None and layers and layers[-1][1].bias is not None:
         last = layers[-1][1]

@@ -13,14 +13,18 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import data, fqt as fqt_, models, psgd as psgd_, quant, slb as slb_
+from . import baselines, data, fqt as fqt_, models, psgd as psgd_, quant, slb as slb_
 from .cache import load_or_train
 from .train import History, evaluate, fit, seed_everything
 
 __all__ = ["Recipe", "PSGDConfig", "Start", "SLBConfig", "train_slb", "fit_slb", "train_fqt",
            "loaders", "build", "train_fp", "train_qat", "finetune", "l1_penalty",
            "WEIGHT_METHODS", "LowBitConfig", "build_lowbit", "lowbit_optimizer", "train_lowbit",
-           "deploy"]
+           "deploy", "QAT_METHODS", "prune_gradual", "train_snip"]
+
+#: The QAT methods of :func:`train_qat`: the straight-through estimator on the book's grid,
+#: or LSQ's learned steps.
+QAT_METHODS = ("ste", "lsq")
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,8 @@ def train_fp(r: Recipe = Recipe(), progress: bool = True) -> tuple[nn.Module, Hi
 def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
               act_bits: int | None = None, per_channel: bool = False,
               first_last_bits: int | None = None, start: "Start | None" = None,
-              from_scratch: bool = False, grid: str = "symmetric", progress: bool = True
-              ) -> tuple[nn.Module, History]:
+              from_scratch: bool = False, grid: str = "symmetric", method: str = "ste",
+              progress: bool = True) -> tuple[nn.Module, History]:
     """STE-QAT baseline: start from a trained full-precision model, fake-quantize the weights
     (and, with ``act_bits``, the activations) with the straight-through estimator, and
     fine-tune for ``epochs`` with SGD and a cosine learning rate.
@@ -80,12 +84,23 @@ def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
     :func:`finetune` with those settings (a PSGD model, or its SGD control). With
     ``from_scratch=True`` it starts from the recipe's random initialisation instead (the
     same budget as a method trained from scratch, such as SLB). ``grid="even"`` quantizes to
-    SLB's value set instead of the symmetric grid (:func:`lowbit.quant.quantize_even`)."""
+    SLB's value set instead of the symmetric grid (:func:`lowbit.quant.quantize_even`).
+
+    ``method="lsq"`` trains LSQ instead (:func:`lowbit.baselines.prepare_lsq`: learned steps
+    for the weights and the activations, starting where the paper starts them)."""
     quant.check_bits(bits, 1)
+    if method not in QAT_METHODS:
+        raise ValueError(f"method must be one of {QAT_METHODS}, got {method!r}")
     qat_args = dict(weight_bits=bits, act_bits=act_bits, per_channel=per_channel,
                     first_last_bits=first_last_bits)
     if grid != "symmetric":  # (kept out of the dict otherwise: cache keys stay as they were)
         qat_args["grid"] = grid
+    if method == "lsq":
+        if per_channel or grid != "symmetric":
+            raise ValueError("LSQ learns one step per tensor on its own grid: per_channel "
+                             "and grid do not apply")
+        qat_args = dict(weight_bits=bits, act_bits=act_bits, first_last_bits=first_last_bits)
+    prepare = baselines.prepare_lsq if method == "lsq" else quant.prepare_qat
 
     if from_scratch and start is not None:
         raise ValueError("give either start or from_scratch=True, not both")
@@ -94,19 +109,20 @@ def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
         if not from_scratch:  # else build(r) already holds the recipe's initialisation
             fp, _ = train_fp(r, progress=progress) if start is None else finetune(
                 r, start.epochs, start.lr, start.weight_decay, start.psgd, progress=progress)
-            model.load_state_dict(quant.prepare_qat(fp, **qat_args).state_dict())
+            model.load_state_dict(prepare(fp, **qat_args).state_dict())
         train_loader, test_loader = loaders(r)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=r.momentum)
         seed_everything(r.seed)
         return fit(model, train_loader, epochs, opt, test_loader, progress=progress,
-                   desc=f"QAT W{bits}" + (f"A{act_bits}" if act_bits else ""))
+                   desc=f"{method.upper()} W{bits}" + (f"A{act_bits}" if act_bits else ""))
 
-    config = {"name": "qat", **asdict(r), "qat_epochs": epochs, "qat_lr": lr, **qat_args}
+    config = {"name": "qat" if method == "ste" else method, **asdict(r), "qat_epochs": epochs,
+              "qat_lr": lr, **qat_args}
     if start is not None:
         config["start"] = asdict(start)
     if from_scratch:
         config["from_scratch"] = True
-    return load_or_train(config, lambda: quant.prepare_qat(build(r), **qat_args), run)
+    return load_or_train(config, lambda: prepare(build(r), **qat_args), run)
 
 
 @dataclass(frozen=True)
@@ -163,6 +179,55 @@ def finetune(r: Recipe, epochs: int, lr: float = 0.01, weight_decay: float | Non
     return load_or_train(config, lambda: build(r), run)
 
 
+def prune_gradual(r: Recipe, epochs: int, sparsity: float, lr: float = 0.01,
+                  weight_decay: float = 0.0, progress: bool = True) -> tuple[nn.Module, History]:
+    """Gradual magnitude pruning (:class:`lowbit.baselines.GradualPruner`): continue the
+    recipe's SGD model for ``epochs`` as :func:`finetune` does, the sparsity rising to
+    ``sparsity`` over the first three quarters of the run, the last quarter fine-tuning."""
+    sparsity = baselines.check_sparsity(sparsity)
+
+    def run(model: nn.Module) -> History:
+        fp, _ = train_fp(r, progress=progress)
+        model.load_state_dict(fp.state_dict())
+        train_loader, test_loader = loaders(r)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=r.momentum,
+                              weight_decay=weight_decay)
+        pruner = baselines.GradualPruner(model, sparsity, epochs * len(train_loader))
+        seed_everything(r.seed)
+        h = fit(model, train_loader, epochs, opt, on_step=pruner.step, progress=progress,
+                desc=f"GMP {sparsity:.0%}")
+        h.log(test_acc=evaluate(model, test_loader)[1])  # the end only: the run's cost is training
+        return h
+
+    config = {"name": "gmp", **asdict(r), "ft_epochs": epochs, "ft_lr": lr,
+              "ft_wd": weight_decay, "sparsity": sparsity}
+    return load_or_train(config, lambda: build(r), run)
+
+
+def train_snip(r: Recipe, epochs: int, sparsity: float, progress: bool = True
+               ) -> tuple[nn.Module, History]:
+    """SNIP: prune the recipe's initialisation by connection sensitivity on one training
+    batch (:func:`lowbit.baselines.snip_masks`), then train it with the recipe's SGD settings
+    for ``epochs``, the mask fixed (applied after every step)."""
+    sparsity = baselines.check_sparsity(sparsity)
+
+    def run(model: nn.Module) -> History:
+        train_loader, test_loader = loaders(r)
+        x, y = next(iter(train_loader))
+        masks = baselines.snip_masks(model, x, y, sparsity)
+        baselines.apply_masks(model, masks)
+        opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum,
+                              weight_decay=r.weight_decay)
+        seed_everything(r.seed)
+        h = fit(model, train_loader, epochs, opt, progress=progress,
+                on_step=lambda _: baselines.apply_masks(model, masks), desc=f"SNIP {sparsity:.0%}")
+        h.log(test_acc=evaluate(model, test_loader)[1])
+        return h
+
+    config = {"name": "snip", **{**asdict(r), "epochs": epochs}, "sparsity": sparsity}
+    return load_or_train(config, lambda: build(r), run)
+
+
 @dataclass(frozen=True)
 class Start:
     """Where :func:`train_qat` starts: :func:`finetune` with these settings."""
@@ -194,14 +259,17 @@ class SLBConfig:
     alpha: str = "learned"
 
 
-def train_slb(r: Recipe, cfg: SLBConfig = SLBConfig(), progress: bool = True
-              ) -> tuple[nn.Module, History]:
+def train_slb(r: Recipe, cfg: SLBConfig = SLBConfig(), progress: bool = True,
+              track_every: int = 0) -> tuple[nn.Module, History]:
     """Train (or load from the cache) an SLB model of the recipe's architecture.
 
     The history records, per epoch, the discrete model's accuracy (``test_acc``: evaluation
     mode, argmax weights, discrete statistics), the continuous model's
     (``extra["test_acc_continuous"]``), the quantization gap (``extra["gap"]``) and the
-    temperature (``extra["temperature"]``)."""
+    temperature (``extra["temperature"]``). With ``track_every`` > 0 an
+    :class:`lowbit.slb.ArgmaxTracker` records every weight's argmax that often (in steps);
+    its log is in ``extra`` under ``track_tau``, ``track_flips``, ``track_committed`` and
+    ``track_switched``."""
     if cfg.per not in ("step", "epoch"):
         raise ValueError(f"per must be 'step' or 'epoch', got {cfg.per!r}")
 
@@ -215,16 +283,24 @@ def train_slb(r: Recipe, cfg: SLBConfig = SLBConfig(), progress: bool = True
             start = slb_.convert(fp, cfg.bits, cfg.act_bits, sbn=cfg.sbn, alpha=cfg.alpha,
                                  temperature=cfg.schedule.start, init="nearest", seed=r.seed)
             model.load_state_dict(start.state_dict())
-        return fit_slb(model, r, cfg, progress)
+        tracker = slb_.ArgmaxTracker(model, track_every) if track_every else None
+        h = fit_slb(model, r, cfg, progress, on_step=tracker)
+        if tracker is not None:
+            h.extra.update({f"track_{k}": v for k, v in tracker.log.items()})
+        return h
 
     config = {"name": "slb", **asdict(r), "slb": asdict(cfg)}
+    if track_every:
+        config["track_every"] = track_every
     return load_or_train(config, make, run)
 
 
-def fit_slb(model: nn.Module, r: Recipe, cfg: SLBConfig, progress: bool = True) -> History:
+def fit_slb(model: nn.Module, r: Recipe, cfg: SLBConfig, progress: bool = True,
+            on_step: Callable[[int], None] | None = None) -> History:
     """SLB's training loop on an SLB model (:func:`lowbit.slb.convert`): Adam on the logits,
     the temperature annealed along ``cfg.schedule``, the discrete statistics of state BN
-    collected by a second pass of each batch."""
+    collected by a second pass of each batch. ``on_step(step)`` runs after each step's
+    temperature update (an :class:`lowbit.slb.ArgmaxTracker`, say)."""
     train_loader, test_loader = loaders(r)
     total = cfg.epochs * (len(train_loader) if cfg.per == "step" else 1)
     annealer = slb_.Annealer(model, cfg.schedule, total)
@@ -243,7 +319,9 @@ def fit_slb(model: nn.Module, r: Recipe, cfg: SLBConfig, progress: bool = True) 
 
     seed_everything(r.seed)
     h = fit(model, train_loader, cfg.epochs, opt, test_loader, progress=progress,
-            on_step=annealer.step if cfg.per == "step" else None, on_epoch=on_epoch,
+            on_step=lambda step: (annealer.step() if cfg.per == "step" else None,
+                                  on_step(step) if on_step else None),
+            on_epoch=on_epoch,
             on_batch=on_batch, desc=f"SLB W{cfg.bits}" + (f"A{cfg.act_bits}" if cfg.act_bits else ""))
     if cfg.recalibrate:
         slb_.recalibrate_bn(model, train_loader, "discrete", cfg.recalibrate)
