@@ -43,7 +43,7 @@ from torch import nn
 from . import quant
 from .quant import check_bits
 
-__all__ = ["value_set", "check_temperature", "SLBConv2d", "SLBLinear", "StateBatchNorm1d",
+__all__ = ["ArgmaxTracker", "value_set", "check_temperature", "SLBConv2d", "SLBLinear", "StateBatchNorm1d",
            "StateBatchNorm2d", "slb_layers", "set_temperature", "use_state", "layer_gap",
            "model_gap", "TemperatureSchedule", "Annealer", "convert", "update_discrete_stats",
            "recalibrate_bn", "export", "codes", "parameter_memory"]
@@ -319,6 +319,56 @@ def model_gap(model: nn.Module) -> float:
     if den == 0:
         raise ValueError("model has no SLB layers (convert it with lowbit.slb.convert)")
     return math.sqrt(num / den)
+
+
+class ArgmaxTracker:
+    """Follows every SLB weight's argmax through training (a reviewer's "is the commitment
+    reversible?"). Call it after each optimizer step (``fit``'s ``on_step``); every
+    ``every`` steps it records, in :attr:`log`:
+
+    - ``tau``: the temperature;
+    - ``flips``: the fraction of weights whose argmax changed since the last record;
+    - ``committed``: the fraction whose largest probability is at least ``threshold`` now;
+    - ``switched``: of the weights that were committed at an earlier record, the fraction
+      whose argmax has changed at least once since they first were.
+    """
+
+    def __init__(self, model: nn.Module, every: int = 10, threshold: float = 0.99) -> None:
+        self.layers = [m for _, m in slb_layers(model)]
+        if not self.layers:
+            raise ValueError("model has no SLB layers (convert it with lowbit.slb.convert)")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive number of steps, got {every!r}")
+        if not 0.5 < threshold < 1.0:
+            raise ValueError(f"threshold must be a probability in (0.5, 1), got {threshold!r}")
+        self.every, self.threshold = every, threshold
+        self.prev = self._argmax()
+        self.ever = self._pmax() >= threshold   # committed at some record so far
+        self.switched = torch.zeros_like(self.ever)
+        self.log: dict[str, list[float]] = {"tau": [], "flips": [], "committed": [],
+                                            "switched": []}
+
+    @torch.no_grad()
+    def _argmax(self) -> torch.Tensor:
+        return torch.cat([m.argmax().flatten() for m in self.layers])
+
+    @torch.no_grad()
+    def _pmax(self) -> torch.Tensor:
+        return torch.cat([m.probabilities().amax(0).flatten() for m in self.layers])
+
+    def __call__(self, step: int) -> None:
+        if step % self.every:
+            return
+        a, committed = self._argmax(), self._pmax() >= self.threshold
+        flipped = a != self.prev
+        self.switched |= flipped & self.ever
+        self.ever |= committed
+        self.prev = a
+        n_ever = int(self.ever.sum())
+        self.log["tau"].append(float(self.layers[0].temperature))
+        self.log["flips"].append(float(flipped.float().mean()))
+        self.log["committed"].append(float(committed.float().mean()))
+        self.log["switched"].append(float(self.switched.sum()) / n_ever if n_ever else 0.0)
 
 
 @dataclass(frozen=True)
