@@ -418,3 +418,58 @@ def test_quantized_backward_reaches_slb_logits_and_ste_weights():
         assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
     with pytest.raises(ValueError, match="wraps a conv or linear"):
         fqt.QuantizedBackward(nn.ReLU())
+
+
+# --------------------------------------------------------------------------- no shadow weights
+def test_grid_sgd_keeps_weights_on_the_grid_and_is_unbiased():
+    from lowbit.fqt import GridSGD, on_grid
+    from lowbit.quant import signed_levels
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    b = torch.nn.Parameter(torch.randn(32))
+    opt = GridSGD([{"params": [w]}, {"params": [b], "bits": None}], lr=0.01, bits=4,
+                  generator=torch.Generator().manual_seed(1))
+    opt.snap()
+    assert on_grid(w, opt.state[w]["delta"], 4)
+    for _ in range(5):
+        opt.zero_grad()
+        (w.sum(0) * b).sum().backward()
+        opt.step()
+        assert on_grid(w, opt.state[w]["delta"], 4)
+    assert opt.small_updates <= opt.updates == 5 * w.numel()
+    # one update of a tiny gradient, averaged over many draws, is the SGD update
+    start = w.detach().clone()
+    delta = float(start.abs().max()) / signed_levels(4)
+    grad = torch.full_like(start, 0.1 * delta / 0.01)       # a tenth of a step
+    grad[start.abs() == start.abs().max()] = 0.0            # keep the range, and so Δ, fixed
+    mean = torch.zeros_like(start)
+    n = 400
+    for _ in range(n):
+        w.data.copy_(start)
+        w.grad = grad.clone()
+        opt.param_groups[1]["params"][0].grad = None
+        opt.step()
+        mean += w.detach() / n
+    inside = start.abs() < start.abs().max() - delta
+    err = (mean - (start - 0.01 * grad))[inside]
+    assert err.abs().mean() < 0.02 * delta
+
+
+def test_grid_sgd_nearest_drops_small_updates_and_bad_input():
+    from lowbit.fqt import GridSGD
+    w = torch.nn.Parameter(torch.tensor([1.0, 0.5, -0.25, 0.0]))
+    opt = GridSGD([w], lr=1.0, bits=4, rounding="nearest")
+    opt.snap()
+    before = w.detach().clone()
+    w.grad = torch.tensor([0.0, 1e-3, 1e-3, 1e-3])
+    opt.step()
+    torch.testing.assert_close(w.detach(), before)
+    with pytest.raises(ValueError, match="lr"):
+        GridSGD([w], lr=0.0)
+    with pytest.raises(ValueError, match="rounding"):
+        GridSGD([w], rounding="up")
+    with pytest.raises(ValueError, match="bits"):
+        GridSGD([w], bits=1)
+    from lowbit import recipes
+    with pytest.raises(ValueError, match="momentum=0"):
+        recipes.train_fqt(recipes.Recipe(model="cnn8"), weight_bits=4)

@@ -330,13 +330,25 @@ def fit_slb(model: nn.Module, r: Recipe, cfg: SLBConfig, progress: bool = True,
 
 
 def train_fqt(r: Recipe, mode: str = "fqt", quantizer: str = "psq", grad_bits: int = 8,
-              optimizer: str = "sgd", progress: bool = True) -> tuple[nn.Module, History]:
+              optimizer: str = "sgd", weight_bits: int | None = None,
+              weight_rounding: str = "stochastic", progress: bool = True
+              ) -> tuple[nn.Module, History]:
     """Train (or load from the cache) the recipe's model from scratch with quantized
     training: ``mode="qat"`` (8-bit forward, full-precision backward), ``"fqt"`` (also the
     output gradients quantized by ``quantizer`` at ``grad_bits``), or ``"fp"`` (no
     quantization at all, the baseline a reviewer asked for). ``optimizer``: SGD with the
     recipe's momentum and weight decay, or Adam (for the transformer); cosine learning rate.
-    Stochastic rounding draws from a generator seeded with the recipe's seed."""
+    Stochastic rounding draws from a generator seeded with the recipe's seed.
+
+    With ``weight_bits`` there are no shadow weights: the conv and linear weights are stored
+    on a ``weight_bits`` grid and every update is rounded onto it
+    (:class:`lowbit.fqt.GridSGD`, ``weight_rounding``); the recipe's momentum must be 0."""
+    if weight_bits is not None:
+        if optimizer != "sgd" or r.momentum != 0:
+            raise ValueError("weights stored on a grid train with plain SGD (GridSGD keeps no "
+                             f"momentum buffer): use optimizer='sgd' and a recipe with "
+                             f"momentum=0, got {optimizer!r} and momentum={r.momentum}")
+        weight_bits = quant.check_bits(weight_bits, 2, 16, "weight_bits")
     if mode not in ("fp", "qat", "fqt"):
         raise ValueError(f"mode must be 'fp', 'qat' or 'fqt', got {mode!r}")
     if optimizer not in ("sgd", "adam"):
@@ -353,15 +365,29 @@ def train_fqt(r: Recipe, mode: str = "fqt", quantizer: str = "psq", grad_bits: i
     def run(model: nn.Module) -> History:
         device = next(model.parameters()).device
         fqt_.configure(model, generator=torch.Generator(device=device).manual_seed(r.seed))
-        opt = (torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum,
-                               weight_decay=r.weight_decay) if optimizer == "sgd"
-               else torch.optim.Adam(model.parameters(), lr=r.lr))
+        if weight_bits is not None:
+            weights = [m.weight for _, m in quant.quantizable_layers(model)]
+            ids = {id(w) for w in weights}
+            rest = [p for p in model.parameters() if id(p) not in ids]
+            opt = fqt_.GridSGD([{"params": weights}, {"params": rest, "bits": None}], lr=r.lr,
+                               bits=weight_bits, weight_decay=r.weight_decay,
+                               rounding=weight_rounding,
+                               generator=torch.Generator(device=device).manual_seed(r.seed + 1))
+            opt.snap()
+        else:
+            opt = (torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum,
+                                   weight_decay=r.weight_decay) if optimizer == "sgd"
+                   else torch.optim.Adam(model.parameters(), lr=r.lr))
         train_loader, test_loader = loaders(r)
         seed_everything(r.seed)
         name = mode.upper() + (f" {quantizer.upper()} {grad_bits}-bit" if mode == "fqt" else "")
-        return fit(model, train_loader, r.epochs, opt, test_loader, progress=progress,
-                   desc=name)
+        h = fit(model, train_loader, r.epochs, opt, test_loader, progress=progress, desc=name)
+        if weight_bits is not None:
+            h.log(small_updates=opt.small_updates / max(opt.updates, 1))
+        return h
 
+    if weight_bits is not None:
+        settings.update(weight_bits=weight_bits, weight_rounding=weight_rounding)
     return load_or_train({"name": "fqt", **asdict(r), **settings}, make, run)
 
 

@@ -24,7 +24,8 @@ tensor, a bit-width and an optional ``torch.Generator``, returning the dequantiz
 
 The parts, each a module: :mod:`.quantizers` (grids, rounding, the three quantizers),
 :mod:`.kernel` (the compiled CPU loop), :mod:`.layers` (the QAT/FQT layers),
-:mod:`.measure` (codes, bounds, gradient bias and variance).
+:mod:`.measure` (codes, bounds, gradient bias and variance), :mod:`.shadow_free` (training
+with the weights stored on a grid, no full-precision copy).
 """
 from .quantizers import (FORWARD_BITS, GRAD_BITS, PTQ_VARIANTS, QUANTIZERS, BHQPlan,
                          as_rows, bhq_groups, bhq_plan, bhq_transform, check_grad_bits,
@@ -35,6 +36,7 @@ from .quantizers import (FORWARD_BITS, GRAD_BITS, PTQ_VARIANTS, QUANTIZERS, BHQP
 from .kernel import Workspace, can_compile, compiled, quantize_copies_compiled, sr_loop
 from .layers import (FQTConv2d, FQTFunction, FQTLinear, QuantizedBackward, backward_copies,
                      check_settings, configure, convert, fqt_layers, forward_quant, wrap)
+from .shadow_free import GridSGD, on_grid
 from .measure import (bins_used, codes, gradient_statistics, layer_gradients,
                       output_gradients, variance_bound)
 
@@ -47,4 +49,4 @@ __all__ = ["FORWARD_BITS", "GRAD_BITS", "PTQ_VARIANTS", "QUANTIZERS", "BHQPlan",
            "FQTFunction", "FQTLinear", "QuantizedBackward", "backward_copies", "check_settings", "configure",
            "convert", "wrap",
            "fqt_layers", "forward_quant", "bins_used", "codes", "gradient_statistics",
-           "layer_gradients", "output_gradients", "variance_bound"]
+           "layer_gradients", "output_gradients", "variance_bound", "GridSGD", "on_grid"]
