@@ -473,3 +473,50 @@ def test_grid_sgd_nearest_drops_small_updates_and_bad_input():
     from lowbit import recipes
     with pytest.raises(ValueError, match="momentum=0"):
         recipes.train_fqt(recipes.Recipe(model="cnn8"), weight_bits=4)
+
+
+# --------------------------------------------------------------------------- Theorem 2, whole network
+def _tiny():
+    torch.manual_seed(0)
+    m = fqt.convert(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)), "qat")
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    return m, x, y
+
+
+def test_propagation_gain_is_the_largest_eigenvalue_of_the_jacobian():
+    m, x, y = _tiny()
+    # the map from the last layer's output gradient (8 x 4) to both weight gradients,
+    # written out column by column with ordinary backward passes
+    h = {}
+    hook = m[2].register_forward_hook(lambda mod, i, o: h.__setitem__("h", o))
+    out = m(x)
+    hook.remove()
+    cols = []
+    for k in range(h["h"].numel()):
+        e = torch.zeros(h["h"].numel())
+        e[k] = 1.0
+        g = torch.autograd.grad(h["h"], [m[0].weight, m[2].weight], e.reshape(h["h"].shape), retain_graph=True)
+        cols.append(torch.cat([t.flatten() for t in g]))
+    J = torch.stack(cols, 1).double()
+    expected = float(torch.linalg.eigvalsh(J.T @ J).max())
+    assert fqt.propagation_gain(m, x, y, "2", iters=200) == pytest.approx(expected, rel=1e-3)
+    with pytest.raises(ValueError, match="no FQT layer"):
+        fqt.propagation_gain(m, x, y, "7")
+
+
+def test_network_variance_adds_up_and_is_zero_without_quantization():
+    m, x, y = _tiny()
+    assert fqt.network_variance(m, x, y, "psq", 4, draws=5, only=[]) == 0.0
+    one = fqt.network_variance(m, x, y, "psq", 4, draws=200, only=["2"])
+    both = fqt.network_variance(m, x, y, "psq", 4, draws=200)
+    assert one > 0 and both >= one * 0.8
+    assert m[0].mode == "qat"      # settings restored
+    with pytest.raises(ValueError, match="no FQT layer"):
+        fqt.network_variance(m, x, y, "psq", 4, only=["x"])
+    with pytest.raises(ValueError, match="draws"):
+        fqt.network_variance(m, x, y, "psq", 4, draws=1)
+    vb, v8 = fqt.output_noise(m, x, y, "0", "psq", 4, draws=20)
+    assert vb == 0.0 and v8 > 0     # the first layer sends no gradient down
+    with pytest.raises(ValueError, match="at least 2 batches"):
+        fqt.sampling_variance(m, [(x, y)])
+    assert fqt.sampling_variance(m, [(x, y), (x[:4], y[:4])]) > 0

@@ -35,10 +35,11 @@ from .quantizers import (FORWARD_BITS, GRAD_BITS, PTQ_VARIANTS, QUANTIZERS, BHQP
                          zero_code_grid)
 from .kernel import Workspace, can_compile, compiled, quantize_copies_compiled, sr_loop
 from .layers import (FQTConv2d, FQTFunction, FQTLinear, QuantizedBackward, backward_copies,
-                     check_settings, configure, convert, fqt_layers, forward_quant, wrap)
+                     check_settings, configure, convert, fqt_layer_names, fqt_layers, forward_quant, wrap)
 from .shadow_free import GridSGD, on_grid
 from .measure import (bins_used, codes, gradient_statistics, layer_gradients,
-                      output_gradients, variance_bound)
+                      network_variance, output_gradients, output_noise, propagation_gain,
+                      sampling_variance, variance_bound)
 
 __all__ = ["FORWARD_BITS", "GRAD_BITS", "PTQ_VARIANTS", "QUANTIZERS", "BHQPlan", "as_rows",
            "bhq_groups", "bhq_plan", "bhq_transform", "check_grad_bits", "check_quantizer",
@@ -48,5 +49,6 @@ __all__ = ["FORWARD_BITS", "GRAD_BITS", "PTQ_VARIANTS", "QUANTIZERS", "BHQPlan",
            "can_compile", "compiled", "quantize_copies_compiled", "sr_loop", "FQTConv2d",
            "FQTFunction", "FQTLinear", "QuantizedBackward", "backward_copies", "check_settings", "configure",
            "convert", "wrap",
-           "fqt_layers", "forward_quant", "bins_used", "codes", "gradient_statistics",
-           "layer_gradients", "output_gradients", "variance_bound", "GridSGD", "on_grid"]
+           "fqt_layers", "fqt_layer_names", "forward_quant", "bins_used", "codes", "gradient_statistics",
+           "layer_gradients", "output_gradients", "variance_bound", "GridSGD", "on_grid", "network_variance", "output_noise",
+           "propagation_gain", "sampling_variance"]

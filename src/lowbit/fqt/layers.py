@@ -12,7 +12,7 @@ from .quantizers import FORWARD_BITS, as_rows, check_grad_bits, check_quantizer,
     quantize_copies
 
 __all__ = ["FQTFunction", "FQTLinear", "FQTConv2d", "QuantizedBackward", "check_settings",
-           "configure", "convert",
+           "configure", "convert", "fqt_layer_names",
            "wrap", "backward_copies"]
 
 
@@ -229,6 +229,11 @@ def fqt_layers(module: nn.Module) -> list[nn.Module]:
     """The QAT/FQT layers in ``module`` (or the layer itself)."""
     return [module] if isinstance(module, _FQTLayer) else \
         [m for m in module.modules() if isinstance(m, _FQTLayer)]
+
+
+def fqt_layer_names(module: nn.Module) -> list[str]:
+    """The names of the QAT/FQT layers in ``module``, in registration (forward) order."""
+    return [n for n, m in module.named_modules() if isinstance(m, _FQTLayer)]
 
 
 def check_settings(mode: str | None = None, quantizer: str | None = None,

@@ -5,19 +5,20 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from ..train import loss_and_correct
-from .layers import _FQTLayer, configure
+from .layers import _FQTLayer, configure, fqt_layer_names
 from .quantizers import _SCOPE, as_rows, check_grad_bits, check_quantizer, grid, \
     rows_on_grid, sr_codes
 from ..quant import dither
 
 __all__ = ["codes", "bins_used", "variance_bound", "output_gradients", "layer_gradients",
-           "gradient_statistics"]
+           "gradient_statistics", "network_variance", "propagation_gain", "output_noise",
+           "sampling_variance"]
 
 
 @torch.no_grad()
@@ -106,6 +107,129 @@ def layer_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[
         loss_and_correct(model(x), y)[0].backward()
     return {n: m.weight.grad.detach().clone() for n, m in model.named_modules()
             if isinstance(m, _FQTLayer)}
+
+
+def _check_draws(draws: object) -> int:
+    if not isinstance(draws, int) or draws < 2:
+        raise ValueError(f"draws must be an int ≥ 2, got {draws!r}")
+    return draws
+
+
+@contextlib.contextmanager
+def _settings_kept(model: nn.Module) -> Iterator[list]:
+    """Within the block the FQT layers' settings may change; they are restored after it."""
+    layers = [m for m in model.modules() if isinstance(m, _FQTLayer)]
+    saved = [(m.mode, m.quantizer, m.grad_bits, m.generator) for m in layers]
+    try:
+        yield layers
+    finally:
+        for m, (mode, q, b, gen) in zip(layers, saved):
+            m.mode, m.quantizer, m.grad_bits, m.generator = mode, q, b, gen
+
+
+def network_variance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, quantizer: str,
+                     grad_bits: int, draws: int = 30, seed: int = 0,
+                     only: Iterable[str] | None = None) -> float:
+    """The variance the gradient quantization adds to the whole network's weight gradient on
+    one batch: Σ over every weight-gradient entry of every FQT layer of its variance over
+    ``draws`` stochastic-rounding draws. With ``only`` (layer names) just those layers
+    quantize their output gradient; the others keep QAT's full-precision backward (one
+    layer's term of Theorem 2's sum over layers)."""
+    draws = _check_draws(draws)
+    names = fqt_layer_names(model)
+    chosen = set(names if only is None else only)
+    if not chosen <= set(names):
+        raise ValueError(f"no FQT layer(s) {sorted(chosen - set(names))}; the model has {names}")
+    with _settings_kept(model):
+        configure(model, mode="qat", quantizer=quantizer, grad_bits=grad_bits,
+                  generator=torch.Generator(device=x.device).manual_seed(seed))
+        for n, m in model.named_modules():
+            if n in chosen:
+                m.mode = "fqt"
+        s1 = s2 = None
+        for _ in range(draws):
+            g = torch.cat([t.flatten() for t in layer_gradients(model, x, y).values()]).double()
+            s1 = g if s1 is None else s1 + g
+            s2 = g * g if s2 is None else s2 + g * g
+    mean = s1 / draws
+    return float(((s2 - draws * mean ** 2) / (draws - 1)).clamp(min=0).sum())
+
+
+def propagation_gain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str,
+                     iters: int = 30, seed: int = 0) -> float:
+    """λ_max(γᵀγ) for layer ``name``: γ is the linear map from a change of the layer's output
+    gradient ∇H to the change of every weight gradient it reaches (its own and those of the
+    layers below, through QAT's backward, BatchNorm in training mode). Theorem 2 bounds a
+    layer's share of the gradient variance by λ_max(γᵀγ) times the variance of its
+    quantized ∇H. Power iteration, ``iters`` steps (γᵀ by double backward)."""
+    layers = dict((n, m) for n, m in model.named_modules() if isinstance(m, _FQTLayer))
+    if name not in layers:
+        raise ValueError(f"no FQT layer {name!r}; the model has {sorted(layers)}")
+    weights = [m.weight for m in layers.values()]
+    captured = {}
+    hook = layers[name].register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
+    with _settings_kept(model), _training_pass(model):
+        configure(model, mode="qat")
+        try:
+            model(x)
+        finally:
+            hook.remove()
+        h = captured["h"]
+        reached = [w for w, g in zip(weights, torch.autograd.grad(
+            h, weights, torch.ones_like(h), retain_graph=True, allow_unused=True))
+            if g is not None]
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        v = torch.randn(h.shape, generator=gen, device=x.device, dtype=h.dtype)
+        lam = 0.0
+        for _ in range(iters):
+            v = (v / v.norm()).requires_grad_(True)
+            jv = torch.autograd.grad(h, reached, v, retain_graph=True, create_graph=True)
+            lam = float(sum((t.detach() ** 2).sum() for t in jv))
+            v = torch.autograd.grad(jv, v, [t.detach() for t in jv], retain_graph=True)[0]
+    return lam
+
+
+def output_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str,
+                 quantizer: str, grad_bits: int, draws: int = 30, seed: int = 0
+                 ) -> tuple[float, float]:
+    """The variance (summed over entries) of the two quantized copies of layer ``name``'s
+    output gradient on one batch: the ``grad_bits`` copy that flows to the layer below (0 for
+    the first layer, which makes none) and the 8-bit copy of its weight gradient."""
+    from .layers import backward_copies
+    from .quantizers import quantize_copies
+    draws = _check_draws(draws)
+    names = fqt_layer_names(model)
+    if name not in names:
+        raise ValueError(f"no FQT layer {name!r}; the model has {names}")
+    g = output_gradients(model, x, y)[name]
+    rows = as_rows(g)
+    copies = backward_copies(check_quantizer(quantizer), check_grad_bits(grad_bits),
+                             need_input_grad=name != names[0])
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    s1 = [torch.zeros_like(rows, dtype=torch.float64) for _ in copies]
+    s2 = [torch.zeros_like(rows, dtype=torch.float64) for _ in copies]
+    for _ in range(draws):
+        for i, q in enumerate(quantize_copies(rows, copies, gen)):
+            s1[i] += q
+            s2[i] += q.double() ** 2
+    var = [float(((b - draws * (a / draws) ** 2) / (draws - 1)).clamp(min=0).sum())
+           for a, b in zip(s1, s2)]
+    return (var[0], var[1]) if len(copies) == 2 else (0.0, var[0])
+
+
+def sampling_variance(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                      ) -> float:
+    """The variance of the QAT weight gradient across mini-batches (summed over every
+    weight-gradient entry of every FQT layer): Theorem 2's first term, the variance SGD
+    has anyway. At least two batches."""
+    gs = []
+    with _settings_kept(model):
+        configure(model, mode="qat")
+        for x, y in batches:
+            gs.append(torch.cat([t.flatten() for t in layer_gradients(model, x, y).values()]).double())
+    if len(gs) < 2:
+        raise ValueError(f"the variance across batches needs at least 2 batches, got {len(gs)}")
+    return float(torch.stack(gs).var(0).sum())
 
 
 def gradient_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, quantizer: str,
