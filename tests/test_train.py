@@ -133,3 +133,14 @@ def test_lowbit_config_checks_its_settings():
         recipes.LowBitConfig("ste", 2, grad_quantizer="per-channel")
     with pytest.raises(ValueError, match="act_bits=None"):
         recipes.LowBitConfig("fp", None, act_bits=4)
+
+
+def test_cnn_with_named_widths():
+    from lowbit.models import build_model
+    m = build_model("cnn_4_8_16", (1, 28, 28))
+    assert [l.out_channels for l in m.modules() if isinstance(l, torch.nn.Conv2d)] == [4, 8, 16]
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="positive integers"):
+        build_model("cnn_4_x", (1, 28, 28))
+    with pytest.raises(ValueError, match="at most 4"):
+        build_model("cnn_1_1_1_1_1", (1, 28, 28))

@@ -153,9 +153,23 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10,
                 **kw) -> nn.Module:
     """A model by name sized for ``input_shape``: ``"cnn"`` (SmallCNN, widths 16 and 32),
     ``"cnn8"`` (SmallCNN at half the width, 8 and 16: four times cheaper, for chapters that
-    train many models), ``"mlp"``, ``"resnet20"``."""
+    train many models), ``"cnn_w1_w2_…"`` (SmallCNN with those block widths: one conv block
+    per width, at most as many as halvings of the image leave it at least 1 pixel wide),
+    ``"mlp"``, ``"resnet20"``."""
     if name == "cnn8":
         kw.setdefault("widths", (8, 16))
+        name = "cnn"
+    if name.startswith("cnn_"):
+        parts = name[4:].split("_")
+        if not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"a 'cnn_…' model names its block widths as positive integers "
+                             f"joined by '_' (e.g. 'cnn_8_16_32'), got {name!r}")
+        widths = tuple(int(p) for p in parts)
+        if len(input_shape) == 3 and input_shape[-1] >> len(widths) < 1:
+            raise ValueError(f"{name!r} has {len(widths)} blocks, each halving the image; "
+                             f"a {input_shape[-1]}-pixel image allows at most "
+                             f"{input_shape[-1].bit_length() - 1}")
+        kw["widths"] = widths
         name = "cnn"
     if name == "cnn":
         if len(input_shape) != 3:
