@@ -223,3 +223,42 @@ def test_ste_baselines_at_one_bit_and_on_the_even_grid():
     q = quant.prepare_qat(SmallCNN(), 1)
     q(torch.randn(2, 1, 28, 28)).sum().backward()
     assert all(m.weight.grad is not None for _, m in quant.quantizable_layers(q))
+
+
+# --------------------------------------------------------------------------- the gap, bounded
+def _slb_model(bits=2, seed=0):
+    torch.manual_seed(seed)
+    m = slb.convert(nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)), bits)
+    with torch.no_grad():
+        for _, layer in slb.slb_layers(m):
+            layer.logits.mul_(3.0)
+    return m
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_gap_bound_holds_and_gap_at_restores_the_temperature(bits):
+    m = _slb_model(bits)
+    slb.set_temperature(m, 0.7)
+    for tau in (1.0, 0.3, 0.1, 0.03, 0.01):
+        assert slb.gap_at(m, tau) <= slb.gap_bound(m, tau) + 1e-12
+    assert all(layer.temperature == 0.7 for _, layer in slb.slb_layers(m))
+    margins = slb.logit_margins(slb.slb_layers(m)[0][1])
+    assert (margins >= 0).all() and margins.shape == slb.slb_layers(m)[0][1].weight_shape
+
+
+def test_temperature_for_gap_and_the_gap_annealer():
+    m = _slb_model(2)
+    tau = slb.temperature_for_gap(m, 0.05)
+    assert slb.gap_at(m, tau) <= 0.05 < slb.gap_at(m, tau * 1.1)
+    with pytest.raises(ValueError, match="target"):
+        slb.temperature_for_gap(m, 0.0)
+    sched = slb.GapSchedule(0.3, 0.01, every=1)
+    assert sched.target(0.0) == pytest.approx(0.3) and sched.target(1.0) == pytest.approx(0.01)
+    ann = slb.GapAnnealer(m, sched, total=20)
+    taus = [ann.step() for _ in range(20)]
+    assert taus == sorted(taus, reverse=True)          # it only cools
+    assert slb.model_gap(m) <= 0.01 * (1 + 1e-9)
+    with pytest.raises(ValueError, match="must fall"):
+        slb.GapSchedule(0.01, 0.3)
+    with pytest.raises(ValueError, match="every"):
+        slb.GapSchedule(every=0)

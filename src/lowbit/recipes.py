@@ -242,7 +242,9 @@ class SLBConfig:
     """The settings of an SLB run (:func:`train_slb`; see :mod:`lowbit.slb`).
 
     The logits are trained with Adam (``lr``, cosine to zero); the temperature follows
-    ``schedule``, stepped every iteration (``per="step"``) or every epoch. ``sbn=False``
+    ``schedule`` (a :class:`lowbit.slb.TemperatureSchedule` of the clock, or a
+    :class:`lowbit.slb.GapSchedule` that sets τ from the model's gap), stepped every iteration
+    (``per="step"``) or every epoch. ``sbn=False``
     keeps plain BatchNorm (its statistics then come from the continuous network);
     ``recalibrate`` re-estimates the BN statistics of the discrete network after training
     from that many training batches.
@@ -251,12 +253,17 @@ class SLBConfig:
     act_bits: int | None = None
     epochs: int = 5
     lr: float = 0.05
-    schedule: slb_.TemperatureSchedule = slb_.TemperatureSchedule()
+    schedule: slb_.TemperatureSchedule | slb_.GapSchedule = slb_.TemperatureSchedule()
     per: str = "step"
     sbn: bool = True
     recalibrate: int = 0
     init: str = "random"
     alpha: str = "learned"
+
+
+def _start_temperature(cfg: SLBConfig) -> float:
+    s = cfg.schedule
+    return s.tau_max if isinstance(s, slb_.GapSchedule) else s.start
 
 
 def train_slb(r: Recipe, cfg: SLBConfig = SLBConfig(), progress: bool = True,
@@ -275,13 +282,13 @@ def train_slb(r: Recipe, cfg: SLBConfig = SLBConfig(), progress: bool = True,
 
     def make() -> nn.Module:
         return slb_.convert(build(r), cfg.bits, cfg.act_bits, sbn=cfg.sbn, alpha=cfg.alpha,
-                            temperature=cfg.schedule.start, init="random", seed=r.seed)
+                            temperature=_start_temperature(cfg), init="random", seed=r.seed)
 
     def run(model: nn.Module) -> History:
         if cfg.init == "nearest":
             fp, _ = train_fp(r, progress=progress)
             start = slb_.convert(fp, cfg.bits, cfg.act_bits, sbn=cfg.sbn, alpha=cfg.alpha,
-                                 temperature=cfg.schedule.start, init="nearest", seed=r.seed)
+                                 temperature=_start_temperature(cfg), init="nearest", seed=r.seed)
             model.load_state_dict(start.state_dict())
         tracker = slb_.ArgmaxTracker(model, track_every) if track_every else None
         h = fit_slb(model, r, cfg, progress, on_step=tracker)
@@ -303,7 +310,8 @@ def fit_slb(model: nn.Module, r: Recipe, cfg: SLBConfig, progress: bool = True,
     temperature update (an :class:`lowbit.slb.ArgmaxTracker`, say)."""
     train_loader, test_loader = loaders(r)
     total = cfg.epochs * (len(train_loader) if cfg.per == "step" else 1)
-    annealer = slb_.Annealer(model, cfg.schedule, total)
+    annealer = (slb_.GapAnnealer if isinstance(cfg.schedule, slb_.GapSchedule)
+                else slb_.Annealer)(model, cfg.schedule, total)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # fused: 1.4x faster step
 
     def on_epoch(epoch: int, h: History) -> None:

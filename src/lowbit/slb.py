@@ -43,7 +43,8 @@ from torch import nn
 from . import quant
 from .quant import check_bits
 
-__all__ = ["ArgmaxTracker", "value_set", "check_temperature", "SLBConv2d", "SLBLinear", "StateBatchNorm1d",
+__all__ = ["ArgmaxTracker", "logit_margins", "gap_bound", "gap_at", "temperature_for_gap",
+           "GapSchedule", "GapAnnealer", "value_set", "check_temperature", "SLBConv2d", "SLBLinear", "StateBatchNorm1d",
            "StateBatchNorm2d", "slb_layers", "set_temperature", "use_state", "layer_gap",
            "model_gap", "TemperatureSchedule", "Annealer", "convert", "update_discrete_stats",
            "recalibrate_bn", "export", "codes", "parameter_memory"]
@@ -444,6 +445,121 @@ class Annealer:
         tau = self.temperature
         set_temperature(self.model, tau)
         return tau
+
+
+# ----------------------------------------------------------------------------- gap and margins
+@torch.no_grad()
+def logit_margins(layer: _SLBWeight) -> torch.Tensor:
+    """Each weight's logit margin m = a_k − max_{i≠k} a_i (k its argmax): how far its choice
+    leads the runner-up, in logit units (the temperature divides it)."""
+    top = layer.logits.detach().topk(2, dim=0).values
+    return top[0] - top[1]
+
+
+@torch.no_grad()
+def gap_bound(model: nn.Module, tau: float | None = None) -> float:
+    """An upper bound on :func:`model_gap` from the logit margins alone (the SLB reference
+    page): a weight's gap |W̃ − Ŵ| = α·|Σ_i p_i (v_i − v_k)| ≤ α·2·(1 − p_k) and
+    1 − p_k ≤ (2^b − 1)·exp(−m/τ), so ‖W̃ − Ŵ‖ ≤ ‖2α(2^b − 1)·exp(−m/τ)‖. At the layers'
+    temperature unless ``tau`` is given."""
+    num, den = 0.0, 0.0
+    for _, m in slb_layers(model):
+        t = m.temperature if tau is None else check_temperature(tau)
+        e = (2 * m.alpha * (len(m.values) - 1) * torch.exp(-logit_margins(m) / t)).clamp(max=2 * m.alpha)
+        num += float((e ** 2).sum())
+        den += float((m.discrete_weight() ** 2).sum())
+    if den == 0:
+        raise ValueError("model has no SLB layers (convert it with lowbit.slb.convert)")
+    return math.sqrt(num / den)
+
+
+@torch.no_grad()
+def gap_at(model: nn.Module, tau: float) -> float:
+    """:func:`model_gap` if every SLB layer were at temperature ``tau`` (the layers' own
+    temperatures are left as they were)."""
+    tau = check_temperature(tau)
+    layers = [m for _, m in slb_layers(model)]
+    old = [m.temperature for m in layers]
+    try:
+        for m in layers:
+            m.temperature = tau
+        return model_gap(model)
+    finally:
+        for m, t in zip(layers, old):
+            m.temperature = t
+
+
+def temperature_for_gap(model: nn.Module, target: float, low: float = 1e-5, high: float = 1.0,
+                        iters: int = 30) -> float:
+    """The largest temperature in [low, high] at which the model's gap is at most ``target``
+    (bisection on log τ; ``low`` when even that is too warm, ``high`` when it is cold enough)."""
+    if not 0 < target:
+        raise ValueError(f"target must be a positive gap, got {target!r}")
+    if not 0 < low <= high:
+        raise ValueError(f"need 0 < low ≤ high, got {low!r}, {high!r}")
+    if gap_at(model, high) <= target:
+        return high
+    lo, hi = math.log(low), math.log(high)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if gap_at(model, math.exp(mid)) <= target else (lo, mid)
+    return math.exp(lo)
+
+
+@dataclass(frozen=True)
+class GapSchedule:
+    """A schedule that sets τ from the model instead of the clock: the gap may be at most
+    ``start`` at the beginning and falls geometrically to ``end`` (as a fraction of training
+    done, like :class:`TemperatureSchedule`). Every ``every`` steps the gap is checked, and
+    when it is over the target τ becomes the largest temperature that brings it under; τ
+    never exceeds ``tau_max`` and never warms up again (it only cools)."""
+    start: float = 0.5
+    end: float = 0.005
+    every: int = 5
+    tau_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.end <= self.start:
+            raise ValueError(f"the gap target must fall: need 0 < end ≤ start, got {self.start}, {self.end}")
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"every must be a positive number of steps, got {self.every!r}")
+        check_temperature(self.tau_max, "tau_max")
+
+    def target(self, progress: float) -> float:
+        return self.start * (self.end / self.start) ** min(max(progress, 0.0), 1.0)
+
+
+class GapAnnealer:
+    """Steps a model's temperature by a :class:`GapSchedule`, ``total`` steps in all (the
+    same interface as :class:`Annealer`)."""
+
+    def __init__(self, model: nn.Module, schedule: GapSchedule, total: int) -> None:
+        if not isinstance(total, int) or total < 1:
+            raise ValueError(f"total must be a positive number of steps, got {total!r}")
+        if not slb_layers(model):
+            raise ValueError("model has no SLB layers (convert it with lowbit.slb.convert)")
+        self.model, self.schedule, self.total, self.count = model, schedule, total, 0
+        self.tau = schedule.tau_max
+        set_temperature(model, self.tau)
+
+    @property
+    def temperature(self) -> float:
+        return self.tau
+
+    def step(self, *_) -> float:
+        self.count = min(self.count + 1, self.total)
+        if self.count % self.schedule.every == 0 or self.count == self.total:
+            target = self.schedule.target(self.count / self.total)
+            if gap_at(self.model, self.tau) > target:
+                # the target falls slowly: look within a factor 2 first (8 halvings: 0.3%)
+                low = self.tau / 2
+                if gap_at(self.model, low) <= target:
+                    tau = temperature_for_gap(self.model, target, low=low, high=self.tau, iters=8)
+                else:
+                    tau = temperature_for_gap(self.model, target, high=low)
+                self.tau = min(self.tau, tau)
+                set_temperature(self.model, self.tau)
+        return self.tau
 
 
 def convert(model: nn.Module, bits: int, act_bits: int | None = None, sbn: bool = True,
