@@ -235,3 +235,34 @@ def test_argmax_tracker_counts_flips_and_switches():
         slb.ArgmaxTracker(SmallCNN(widths=(4, 4, 4)))
     with pytest.raises(ValueError, match="every"):
         slb.ArgmaxTracker(m, every=0)
+
+
+# --------------------------------------------------------------------------- Bop, quantization loss
+def test_bop_flips_only_where_the_average_agrees_with_the_sign():
+    w = torch.nn.Parameter(torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    opt = B.Bop([w], gamma=1.0, threshold=0.5)
+    w.grad = torch.tensor([1.0, 1.0, 0.1, -2.0])   # pushes: down, up, weak, down
+    opt.step()
+    assert w.tolist() == [-1.0, -1.0, 1.0, 1.0] and opt.flips == 2
+    w.grad = torch.zeros(4)
+    opt.step()
+    assert opt.flips == 0
+
+
+def test_bop_bad_input_and_binary_weights():
+    torch.manual_seed(0)
+    m = SmallCNN(widths=(4, 4))
+    ws = B.binary_weights(m)
+    assert all(w.abs().unique().numel() == 1 for w in ws)
+    with pytest.raises(ValueError, match="gamma"):
+        B.Bop(ws, gamma=0.0)
+    with pytest.raises(ValueError, match="threshold"):
+        B.Bop(ws, threshold=-1.0)
+    z = torch.nn.Parameter(torch.zeros(3))
+    z.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="not zero"):
+        B.Bop([z]).step()
+    assert B.quantization_loss(m).item() == pytest.approx(0.0, abs=1e-10)
+    from lowbit import recipes
+    with pytest.raises(ValueError, match="quant_loss"):
+        recipes.train_qat(recipes.Recipe(model="cnn8"), 2, quant_loss=0.1)

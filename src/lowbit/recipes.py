@@ -20,7 +20,7 @@ from .train import History, evaluate, fit, seed_everything
 __all__ = ["Recipe", "PSGDConfig", "Start", "SLBConfig", "train_slb", "fit_slb", "train_fqt",
            "loaders", "build", "train_fp", "train_qat", "finetune", "l1_penalty",
            "WEIGHT_METHODS", "LowBitConfig", "build_lowbit", "lowbit_optimizer", "train_lowbit",
-           "deploy", "QAT_METHODS", "prune_gradual", "train_snip"]
+           "deploy", "QAT_METHODS", "prune_gradual", "train_snip", "train_bop"]
 
 #: The QAT methods of :func:`train_qat`: the straight-through estimator on the book's grid,
 #: or LSQ's learned steps.
@@ -75,7 +75,7 @@ def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
               act_bits: int | None = None, per_channel: bool = False,
               first_last_bits: int | None = None, start: "Start | None" = None,
               from_scratch: bool = False, grid: str = "symmetric", method: str = "ste",
-              progress: bool = True) -> tuple[nn.Module, History]:
+              quant_loss: float = 0.0, progress: bool = True) -> tuple[nn.Module, History]:
     """STE-QAT baseline: start from a trained full-precision model, fake-quantize the weights
     (and, with ``act_bits``, the activations) with the straight-through estimator, and
     fine-tune for ``epochs`` with SGD and a cosine learning rate.
@@ -87,7 +87,8 @@ def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
     SLB's value set instead of the symmetric grid (:func:`lowbit.quant.quantize_even`).
 
     ``method="lsq"`` trains LSQ instead (:func:`lowbit.baselines.prepare_lsq`: learned steps
-    for the weights and the activations, starting where the paper starts them)."""
+    for the weights and the activations, starting where the paper starts them).
+    ``quant_loss`` adds λ·:func:`lowbit.baselines.quantization_loss` to the loss (1 bit)."""
     quant.check_bits(bits, 1)
     if method not in QAT_METHODS:
         raise ValueError(f"method must be one of {QAT_METHODS}, got {method!r}")
@@ -113,11 +114,18 @@ def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
         train_loader, test_loader = loaders(r)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=r.momentum)
         seed_everything(r.seed)
+        penalty = (lambda m: quant_loss * baselines.quantization_loss(m)) if quant_loss else None
         return fit(model, train_loader, epochs, opt, test_loader, progress=progress,
+                   penalty=penalty,
                    desc=f"{method.upper()} W{bits}" + (f"A{act_bits}" if act_bits else ""))
 
+    if quant_loss < 0 or (quant_loss and bits != 1):
+        raise ValueError(f"quant_loss is a non-negative weight of the 1-bit quantization loss; "
+                         f"got {quant_loss} at {bits} bits")
     config = {"name": "qat" if method == "ste" else method, **asdict(r), "qat_epochs": epochs,
               "qat_lr": lr, **qat_args}
+    if quant_loss:
+        config["quant_loss"] = quant_loss
     if start is not None:
         config["start"] = asdict(start)
     if from_scratch:
@@ -226,6 +234,56 @@ def train_snip(r: Recipe, epochs: int, sparsity: float, progress: bool = True
 
     config = {"name": "snip", **{**asdict(r), "epochs": epochs}, "sparsity": sparsity}
     return load_or_train(config, lambda: build(r), run)
+
+
+def train_bop(r: Recipe, epochs: int, gamma: float = 1e-3, threshold: float = 1e-6,
+              lr: float = 0.01, progress: bool = True) -> tuple[nn.Module, History]:
+    """A 1-bit network trained from the recipe's initialisation with Bop
+    (:class:`lowbit.baselines.Bop`): conv and linear weights set to ±α and flipped by Bop,
+    BatchNorm and biases trained with Adam (``lr``, cosine), as Helwegen et al. do. The
+    history's ``extra["flips"]`` holds the flips per weight in each epoch."""
+
+    def run(model: nn.Module) -> History:
+        weights = baselines.binary_weights(model)
+        ids = {id(w) for w in weights}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        bop = baselines.Bop(weights, gamma, threshold)
+        adam = torch.optim.Adam(rest, lr=lr)
+        train_loader, test_loader = loaders(r)
+        n, flipped = sum(w.numel() for w in weights), [0]
+
+        def count(_: int) -> None:
+            flipped[0] += bop.flips
+
+        def per_epoch(_: int, h: History) -> None:  # flips per weight in the epoch
+            h.log(flips=flipped[0] / n)
+            flipped[0] = 0
+
+        seed_everything(r.seed)
+        return fit(model, train_loader, epochs, _Both(bop, adam), test_loader,
+                   on_step=count, on_epoch=per_epoch, progress=progress, desc="Bop W1")
+
+    config = {"name": "bop", **{**asdict(r), "epochs": epochs}, "gamma": gamma,
+              "threshold": threshold, "adam_lr": lr}
+    return load_or_train(config, lambda: build(r), run)
+
+
+class _Both(torch.optim.Optimizer):
+    """Two optimizers stepped as one (Bop for the binary weights, Adam for the rest); the
+    learning-rate schedule acts on Adam, the only one with a learning rate."""
+
+    def __init__(self, flips: torch.optim.Optimizer, rest: torch.optim.Optimizer) -> None:
+        self.flips, self.rest = flips, rest
+        self.param_groups = rest.param_groups  # what fit's cosine schedule anneals
+        self.defaults, self.state = rest.defaults, rest.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.flips.zero_grad(set_to_none)
+        self.rest.zero_grad(set_to_none)
+
+    def step(self, closure=None):
+        self.flips.step()
+        return self.rest.step(closure)
 
 
 @dataclass(frozen=True)

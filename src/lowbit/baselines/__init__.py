@@ -1,13 +1,15 @@
 """Baselines the reviewers named, each against the method it challenges (Part I's
-"Against stronger baselines" pages):
+"Against stronger baselines" pages, and Part II's "Latent weights"):
 
 - :mod:`.lsq` — LSQ, learned step size QAT (Esser et al. 2020);
 - :mod:`.clipping` — ACIQ, analytical clipping with bias correction (Banner et al. 2019);
 - :mod:`.floats` — AdaptivFloat, a float format with a per-layer exponent bias
   (Tambe et al. 2020);
-- :mod:`.pruning` — gradual magnitude pruning (Zhu & Gupta 2017) and SNIP (Lee et al. 2019).
+- :mod:`.pruning` — gradual magnitude pruning (Zhu & Gupta 2017) and SNIP (Lee et al. 2019);
+- :mod:`.latent` — Bop (Helwegen et al. 2019) and a quantization loss, at 1 bit (Part II).
 """
 from .clipping import aciq_quantize, bias_correct, laplace_clip
+from .latent import Bop, binary_weights, quantization_loss
 from .floats import adaptivfloat_values, quantize_adaptivfloat
 from .lsq import (LSQAct, LSQConv2d, LSQFunction, LSQLinear, initial_step, lsq_quantize,
                   lsq_range, prepare_lsq)
@@ -17,4 +19,5 @@ from .pruning import (GradualPruner, apply_masks, check_sparsity, cubic_sparsity
 __all__ = ["aciq_quantize", "bias_correct", "laplace_clip", "adaptivfloat_values",
            "quantize_adaptivfloat", "LSQAct", "LSQConv2d", "LSQFunction", "LSQLinear",
            "initial_step", "lsq_quantize", "lsq_range", "prepare_lsq", "GradualPruner",
-           "apply_masks", "check_sparsity", "cubic_sparsity", "layer_masks", "snip_masks"]
+           "apply_masks", "check_sparsity", "cubic_sparsity", "layer_masks", "snip_masks",
+           "Bop", "binary_weights", "quantization_loss"]
