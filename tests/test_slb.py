@@ -262,3 +262,21 @@ def test_temperature_for_gap_and_the_gap_annealer():
         slb.GapSchedule(0.01, 0.3)
     with pytest.raises(ValueError, match="every"):
         slb.GapSchedule(every=0)
+
+
+def test_value_set_with_zero():
+    v = slb.value_set(2, "zero")
+    assert v.tolist() == [-1.0, 0.0, 1.0]
+    assert slb.value_set(3, "zero").numel() == 7 and 0.0 in slb.value_set(3, "zero").tolist()
+    with pytest.raises(ValueError, match="value set"):
+        slb.value_set(2, "log")
+    with pytest.raises(ValueError, match="bits"):
+        slb.value_set(1, "zero")
+    torch.manual_seed(0)
+    m = slb.convert(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)), 2, values="zero")
+    layer = slb.slb_layers(m)[0][1]
+    assert layer.logits.shape[0] == 3
+    k, scale = slb.codes(layer)
+    torch.testing.assert_close(layer.discrete_weight(), scale * (2 * k.float() / 2 - 1))
+    out = slb.export(m)
+    assert out(torch.randn(2, 6)).shape == (2, 3)

@@ -144,3 +144,15 @@ def test_cnn_with_named_widths():
         build_model("cnn_4_x", (1, 28, 28))
     with pytest.raises(ValueError, match="at most 4"):
         build_model("cnn_1_1_1_1_1", (1, 28, 28))
+
+
+def test_side_by_side_is_one_setting_for_part_iv():
+    from lowbit import recipes
+    part = recipes.SIDE_BY_SIDE
+    r = part.recipe(5)
+    assert (r.model, r.batch_size, r.seed) == (part.model, part.batch_size, 5)
+    cfg = part.config("ste", 2, 4)
+    assert (cfg.epochs, cfg.start_epochs, cfg.weight_bits, cfg.act_bits) == (part.epochs, part.start_epochs, 2, 4)
+    assert recipes.SIDE_BY_SIDE_FULL.model == "cnn"
+    with pytest.raises(ValueError, match="weights"):
+        part.config("xyz", 2)

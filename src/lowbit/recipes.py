@@ -20,7 +20,7 @@ from .train import History, evaluate, fit, seed_everything
 __all__ = ["Recipe", "PSGDConfig", "Start", "SLBConfig", "train_slb", "fit_slb", "train_fqt",
            "loaders", "build", "train_fp", "train_qat", "finetune", "l1_penalty",
            "WEIGHT_METHODS", "LowBitConfig", "build_lowbit", "lowbit_optimizer", "train_lowbit",
-           "deploy", "QAT_METHODS", "prune_gradual", "train_snip", "train_bop"]
+           "deploy", "SideBySide", "SIDE_BY_SIDE", "SIDE_BY_SIDE_FULL", "QAT_METHODS", "prune_gradual", "train_snip", "train_bop"]
 
 #: The QAT methods of :func:`train_qat`: the straight-through estimator on the book's grid,
 #: or LSQ's learned steps.
@@ -317,6 +317,7 @@ class SLBConfig:
     recalibrate: int = 0
     init: str = "random"
     alpha: str = "learned"
+    values: str = "even"
 
 
 def _start_temperature(cfg: SLBConfig) -> float:
@@ -340,13 +341,15 @@ def train_slb(r: Recipe, cfg: SLBConfig = SLBConfig(), progress: bool = True,
 
     def make() -> nn.Module:
         return slb_.convert(build(r), cfg.bits, cfg.act_bits, sbn=cfg.sbn, alpha=cfg.alpha,
-                            temperature=_start_temperature(cfg), init="random", seed=r.seed)
+                            temperature=_start_temperature(cfg), init="random", seed=r.seed,
+                            values=cfg.values)
 
     def run(model: nn.Module) -> History:
         if cfg.init == "nearest":
             fp, _ = train_fp(r, progress=progress)
             start = slb_.convert(fp, cfg.bits, cfg.act_bits, sbn=cfg.sbn, alpha=cfg.alpha,
-                                 temperature=_start_temperature(cfg), init="nearest", seed=r.seed)
+                                 temperature=_start_temperature(cfg), init="nearest", seed=r.seed,
+                                 values=cfg.values)
             model.load_state_dict(start.state_dict())
         tracker = slb_.ArgmaxTracker(model, track_every) if track_every else None
         h = fit_slb(model, r, cfg, progress, on_step=tracker)
@@ -505,6 +508,32 @@ class LowBitConfig:
         w = 32 if self.weights == "fp" else self.weight_bits
         g = self.grad_bits if self.grad_quantizer else 32
         return f"W{w}A{self.act_bits or 32}G{g}"
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """Part IV's one setting for every method: the model, the batch size and the budget
+    (``epochs`` in all; ``start_epochs`` of SGD before STE-QAT or PSGD take over)."""
+    model: str = "cnn8"
+    batch_size: int = 64
+    epochs: int = 3
+    start_epochs: int = 2
+
+    def recipe(self, seed: int) -> Recipe:
+        """The data set, model and batch size of the setting, at ``seed``."""
+        return Recipe(model=self.model, batch_size=self.batch_size, seed=seed)
+
+    def config(self, weights: str, weight_bits: int | None = None, act_bits: int | None = None,
+               grad_quantizer: str | None = None, grad_bits: int = 8) -> LowBitConfig:
+        """A :class:`LowBitConfig` on the setting's budget."""
+        return LowBitConfig(weights, weight_bits, act_bits, grad_quantizer, grad_bits,
+                            epochs=self.epochs, start_epochs=self.start_epochs)
+
+
+#: Part IV's setting on two CPU cores (each page in about a minute) …
+SIDE_BY_SIDE = SideBySide()
+#: … and at full size (``LOWBIT_FULL=1``, for a GPU): the book's CNN, ten epochs.
+SIDE_BY_SIDE_FULL = SideBySide("cnn", 32, 10, 7)
 
 
 def _with_grads(model: nn.Module, cfg: LowBitConfig, seed: int) -> nn.Module:

@@ -43,7 +43,7 @@ from torch import nn
 from . import quant
 from .quant import check_bits
 
-__all__ = ["ArgmaxTracker", "logit_margins", "gap_bound", "gap_at", "temperature_for_gap",
+__all__ = ["VALUE_SETS", "ArgmaxTracker", "logit_margins", "gap_bound", "gap_at", "temperature_for_gap",
            "GapSchedule", "GapAnnealer", "value_set", "check_temperature", "SLBConv2d", "SLBLinear", "StateBatchNorm1d",
            "StateBatchNorm2d", "slb_layers", "set_temperature", "use_state", "layer_gap",
            "model_gap", "TemperatureSchedule", "Annealer", "convert", "update_discrete_stats",
@@ -54,9 +54,21 @@ STATES = ("auto", "continuous", "discrete")
 MAX_BITS = 8
 
 
-def value_set(bits: int) -> torch.Tensor:
-    """The 2^b values ``V`` evenly spaced in [-1, 1] (1 bit: {-1, +1})."""
-    b = check_bits(bits, 1, MAX_BITS, "bits")
+#: The value sets an SLB layer can search: ``"even"``, the paper's 2^b values evenly spaced in
+#: [−1, 1] (no zero at any bit-width); ``"zero"``, the 2^b − 1 values of the symmetric grid,
+#: k/(2^(b−1) − 1), which hold zero (a control for the paper's choice; 2 bits or more).
+VALUE_SETS = ("even", "zero")
+
+
+def value_set(bits: int, kind: str = "even") -> torch.Tensor:
+    """The values ``V`` of a b-bit SLB weight (:data:`VALUE_SETS`): by default the 2^b values
+    evenly spaced in [-1, 1] (1 bit: {-1, +1})."""
+    if kind not in VALUE_SETS:
+        raise ValueError(f"the value set must be one of {VALUE_SETS}, got {kind!r}")
+    b = check_bits(bits, 1 if kind == "even" else 2, MAX_BITS, "bits")
+    if kind == "zero":  # k / q exactly: zero is a value, not a float near it
+        q = 2 ** (b - 1) - 1
+        return torch.arange(-q, q + 1, dtype=torch.float32) / q
     return torch.linspace(-1.0, 1.0, 2 ** b)
 
 
@@ -81,7 +93,8 @@ class _SLBWeight(nn.Module):
     """The searched weight of one layer: logits over ``V`` and the output scale α."""
 
     def _init_slb(self, shape: torch.Size, fan_in: int, bits: int, temperature: float,
-                  alpha: str, init: str, weight: torch.Tensor | None) -> None:
+                  alpha: str, init: str, weight: torch.Tensor | None, values: str = "even"
+                  ) -> None:
         self.bits = check_bits(bits, 1, MAX_BITS, "bits")
         self.weight_shape = tuple(shape)
         self.temperature = check_temperature(temperature)
@@ -90,7 +103,7 @@ class _SLBWeight(nn.Module):
             raise ValueError(f"alpha must be 'learned' or 'fixed', got {alpha!r}")
         if init not in ("random", "nearest"):
             raise ValueError(f"init must be 'random' or 'nearest', got {init!r}")
-        self.register_buffer("values", value_set(bits))
+        self.register_buffer("values", value_set(bits, values))
         # PyTorch's default init is U(-1/√fan_in, 1/√fan_in): standard deviation 1/√(3·fan_in)
         a0 = torch.tensor(1.0 / math.sqrt(3.0 * fan_in))
         if init == "nearest":
@@ -105,7 +118,7 @@ class _SLBWeight(nn.Module):
         # The value axis comes first, logits[i] holding every weight's logit for v_i: the
         # softmax and the sum over a short leading axis run 6x faster than over a last
         # axis of length 2^b (measured on the CPU).
-        logits = torch.randn(2 ** self.bits, *shape)
+        logits = torch.randn(len(self.values), *shape)
         if init == "nearest":
             # a logit margin of 2 for the nearest value, less for the others
             vals = self.values.reshape(-1, *([1] * len(shape)))
@@ -169,14 +182,14 @@ class SLBConv2d(_SLBWeight):
                  stride: int | tuple = 1, padding: int | tuple = 0, dilation: int | tuple = 1,
                  groups: int = 1, bias: bool = False, bits: int = 2, temperature: float = 1.0,
                  alpha: str = "learned", init: str = "random",
-                 weight: torch.Tensor | None = None) -> None:
+                 weight: torch.Tensor | None = None, values: str = "even") -> None:
         super().__init__()
         k = nn.modules.utils._pair(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
         self.stride, self.padding = nn.modules.utils._pair(stride), nn.modules.utils._pair(padding)
         self.dilation, self.groups = nn.modules.utils._pair(dilation), groups
         shape = torch.Size((out_channels, in_channels // groups, *k))
-        self._init_slb(shape, shape[1:].numel(), bits, temperature, alpha, init, weight)
+        self._init_slb(shape, shape[1:].numel(), bits, temperature, alpha, init, weight, values)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,11 +202,11 @@ class SLBLinear(_SLBWeight):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 2,
                  temperature: float = 1.0, alpha: str = "learned", init: str = "random",
-                 weight: torch.Tensor | None = None) -> None:
+                 weight: torch.Tensor | None = None, values: str = "even") -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_slb(torch.Size((out_features, in_features)), in_features, bits, temperature,
-                       alpha, init, weight)
+                       alpha, init, weight, values)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -434,7 +447,7 @@ class Annealer:
         if not slb_layers(model):
             raise ValueError("model has no SLB layers (convert it with lowbit.slb.convert)")
         self.model, self.schedule, self.total, self.count = model, schedule, total, 0
-        set_temperature(model, schedule(0.0))
+        set_temperature(model, self.temperature)
 
     @property
     def temperature(self) -> float:
@@ -529,18 +542,13 @@ class GapSchedule:
         return self.start * (self.end / self.start) ** min(max(progress, 0.0), 1.0)
 
 
-class GapAnnealer:
+class GapAnnealer(Annealer):
     """Steps a model's temperature by a :class:`GapSchedule`, ``total`` steps in all (the
     same interface as :class:`Annealer`)."""
 
     def __init__(self, model: nn.Module, schedule: GapSchedule, total: int) -> None:
-        if not isinstance(total, int) or total < 1:
-            raise ValueError(f"total must be a positive number of steps, got {total!r}")
-        if not slb_layers(model):
-            raise ValueError("model has no SLB layers (convert it with lowbit.slb.convert)")
-        self.model, self.schedule, self.total, self.count = model, schedule, total, 0
         self.tau = schedule.tau_max
-        set_temperature(model, self.tau)
+        super().__init__(model, schedule, total)
 
     @property
     def temperature(self) -> float:
@@ -564,22 +572,25 @@ class GapAnnealer:
 
 def convert(model: nn.Module, bits: int, act_bits: int | None = None, sbn: bool = True,
             temperature: float = 1.0, alpha: str = "learned", init: str = "random",
-            seed: int | None = None) -> nn.Module:
+            seed: int | None = None, values: str = "even") -> nn.Module:
     """A copy of ``model`` for SLB: every conv/linear layer becomes an SLB layer with
     ``bits``-bit weights, every BatchNorm a state BN (``sbn=True``), and, with
     ``act_bits``, every ReLU is followed by :class:`lowbit.quant.ActQuant`.
 
     ``init='nearest'`` starts each weight's distribution at the value nearest to the
     model's trained weight; ``'random'`` draws the logits from N(0, 1) (``seed`` fixes them).
+    ``values`` picks the value set (:data:`VALUE_SETS`).
     """
     bits = check_bits(bits, 1, MAX_BITS, "bits")
+    value_set(bits, values)  # checks the set and the bits before anything is copied
     if act_bits is not None:
         check_bits(act_bits, 1, 32, "act_bits")
     if seed is not None:
         torch.manual_seed(seed)
 
     def slb_layer(name: str, m: nn.Module) -> nn.Module:
-        kw = dict(bits=bits, temperature=temperature, alpha=alpha, init=init, weight=m.weight)
+        kw = dict(bits=bits, temperature=temperature, alpha=alpha, init=init, weight=m.weight,
+                  values=values)
         if isinstance(m, nn.Conv2d):
             new = SLBConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
                             m.dilation, m.groups, m.bias is not None, **kw)
@@ -671,8 +682,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, state: State = "discrete
 
 @torch.no_grad()
 def codes(layer: _SLBWeight) -> tuple[torch.Tensor, float]:
-    """The layer's integer codes k ∈ {0 … 2^b − 1} (uint8) and the scale: weight
-    = scale · (2k / (2^b − 1) − 1)."""
+    """The layer's integer codes k ∈ {0 … n − 1} (uint8; n = 2^b values, or 2^b − 1 for the
+    value set with zero) and the scale: weight = scale · (2k / (n − 1) − 1)."""
     return layer.argmax().to(torch.uint8), float(layer.alpha)
 
 
