@@ -92,6 +92,9 @@ def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
     quant.check_bits(bits, 1)
     if method not in QAT_METHODS:
         raise ValueError(f"method must be one of {QAT_METHODS}, got {method!r}")
+    if quant_loss < 0 or (quant_loss and bits != 1):
+        raise ValueError(f"quant_loss is a non-negative weight of the 1-bit quantization loss; "
+                         f"got {quant_loss} at {bits} bits")
     qat_args = dict(weight_bits=bits, act_bits=act_bits, per_channel=per_channel,
                     first_last_bits=first_last_bits)
     if grid != "symmetric":  # (kept out of the dict otherwise: cache keys stay as they were)
@@ -119,9 +122,6 @@ def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
                    penalty=penalty,
                    desc=f"{method.upper()} W{bits}" + (f"A{act_bits}" if act_bits else ""))
 
-    if quant_loss < 0 or (quant_loss and bits != 1):
-        raise ValueError(f"quant_loss is a non-negative weight of the 1-bit quantization loss; "
-                         f"got {quant_loss} at {bits} bits")
     config = {"name": "qat" if method == "ste" else method, **asdict(r), "qat_epochs": epochs,
               "qat_lr": lr, **qat_args}
     if quant_loss:
@@ -236,6 +236,13 @@ def train_snip(r: Recipe, epochs: int, sparsity: float, progress: bool = True
     return load_or_train(config, lambda: build(r), run)
 
 
+def _other_parameters(model: nn.Module, taken: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters of ``model`` that are not in ``taken`` (by identity): those a second
+    optimizer trains (BatchNorm, biases)."""
+    ids = {id(p) for p in taken}
+    return [p for p in model.parameters() if id(p) not in ids]
+
+
 def train_bop(r: Recipe, epochs: int, gamma: float = 1e-3, threshold: float = 1e-6,
               lr: float = 0.01, progress: bool = True) -> tuple[nn.Module, History]:
     """A 1-bit network trained from the recipe's initialisation with Bop
@@ -245,9 +252,8 @@ def train_bop(r: Recipe, epochs: int, gamma: float = 1e-3, threshold: float = 1e
 
     def run(model: nn.Module) -> History:
         weights = baselines.binary_weights(model)
-        ids = {id(w) for w in weights}
-        rest = [p for p in model.parameters() if id(p) not in ids]
         bop = baselines.Bop(weights, gamma, threshold)
+        rest = _other_parameters(model, weights)
         adam = torch.optim.Adam(rest, lr=lr)
         train_loader, test_loader = loaders(r)
         n, flipped = sum(w.numel() for w in weights), [0]
@@ -386,11 +392,15 @@ def fit_slb(model: nn.Module, r: Recipe, cfg: SLBConfig, progress: bool = True,
         if cfg.sbn:
             slb_.update_discrete_stats(model, x)
 
+    def after_step(step: int) -> None:
+        if cfg.per == "step":
+            annealer.step()
+        if on_step is not None:
+            on_step(step)
+
     seed_everything(r.seed)
     h = fit(model, train_loader, cfg.epochs, opt, test_loader, progress=progress,
-            on_step=lambda step: (annealer.step() if cfg.per == "step" else None,
-                                  on_step(step) if on_step else None),
-            on_epoch=on_epoch,
+            on_step=after_step, on_epoch=on_epoch,
             on_batch=on_batch, desc=f"SLB W{cfg.bits}" + (f"A{cfg.act_bits}" if cfg.act_bits else ""))
     if cfg.recalibrate:
         slb_.recalibrate_bn(model, train_loader, "discrete", cfg.recalibrate)
@@ -436,8 +446,7 @@ def train_fqt(r: Recipe, mode: str = "fqt", quantizer: str = "psq", grad_bits: i
         fqt_.configure(model, generator=torch.Generator(device=device).manual_seed(r.seed))
         if weight_bits is not None:
             weights = [m.weight for _, m in quant.quantizable_layers(model)]
-            ids = {id(w) for w in weights}
-            rest = [p for p in model.parameters() if id(p) not in ids]
+            rest = _other_parameters(model, weights)
             opt = fqt_.GridSGD([{"params": weights}, {"params": rest, "bits": None}], lr=r.lr,
                                bits=weight_bits, weight_decay=r.weight_decay,
                                rounding=weight_rounding,

@@ -82,11 +82,9 @@ def output_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     hooks = [m.register_full_backward_hook(
         lambda mod, gin, gout, name=n: grads.__setitem__(name, gout[0].detach().clone()))
         for n, m in model.named_modules() if isinstance(m, _FQTLayer)]
-    layers = [m for m in model.modules() if isinstance(m, _FQTLayer)]
-    modes = [m.mode for m in layers]
     try:
-        configure(model, mode="qat")
-        with _training_pass(model), warnings.catch_warnings():
+        with _settings_kept(model), _training_pass(model), warnings.catch_warnings():
+            configure(model, mode="qat")
             # the first layer's input needs no gradient: fine
             warnings.filterwarnings("ignore", "Full backward hook is firing")
             model.zero_grad(set_to_none=True)
@@ -94,8 +92,6 @@ def output_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in zip(layers, modes):
-            m.mode = mode
     return {n: grads[n] for n, m in model.named_modules() if n in grads}
 
 
@@ -239,11 +235,8 @@ def gradient_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, quan
     of the draws − QAT‖ / ‖QAT‖), ``variance`` (Σ over entries of the sample variance),
     ``qat_norm2`` (‖QAT gradient‖²) and ``bias_se`` (the bias expected from noise alone,
     √(variance/draws)/‖QAT‖). The model's settings are restored afterwards."""
-    if not isinstance(draws, int) or draws < 2:
-        raise ValueError(f"draws must be an int ≥ 2, got {draws!r}")
-    layers = [m for m in model.modules() if isinstance(m, _FQTLayer)]
-    saved = [(m.mode, m.quantizer, m.grad_bits, m.generator) for m in layers]
-    try:
+    draws = _check_draws(draws)
+    with _settings_kept(model):
         configure(model, mode="qat")
         ref = layer_gradients(model, x, y)
         configure(model, mode="fqt", quantizer=quantizer, grad_bits=grad_bits,
@@ -254,9 +247,6 @@ def gradient_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, quan
             for n, g in layer_gradients(model, x, y).items():
                 s1[n] += g
                 s2[n] += g.double() ** 2
-    finally:
-        for m, (mode, q, b, gen) in zip(layers, saved):
-            m.mode, m.quantizer, m.grad_bits, m.generator = mode, q, b, gen
     out = {}
     for n, g in ref.items():
         mean = s1[n] / draws
