@@ -266,3 +266,17 @@ def test_bop_bad_input_and_binary_weights():
     from lowbit import recipes
     with pytest.raises(ValueError, match="quant_loss"):
         recipes.train_qat(recipes.Recipe(model="cnn8"), 2, quant_loss=0.1)
+
+
+def test_new_optimizers_refuse_non_finite_gradients_and_snip_non_finite_input():
+    from lowbit.fqt import GridSGD
+    for opt, w in ((lambda w: B.Bop([w]), torch.nn.Parameter(torch.tensor([1.0, -1.0]))),
+                   (lambda w: GridSGD([w], lr=0.1, bits=4), torch.nn.Parameter(torch.tensor([0.5, -1.0])))):
+        o = opt(w)
+        before = w.detach().clone()
+        w.grad = torch.tensor([float("nan"), 1.0])
+        with pytest.raises(ValueError, match="non-finite gradient.*no parameter was updated"):
+            o.step()
+        torch.testing.assert_close(w.detach(), before)
+    with pytest.raises(ValueError, match="non-finite"):
+        B.snip_masks(nn.Linear(2, 2), torch.tensor([[1.0, float("nan")]]), torch.tensor([0]), 0.5)

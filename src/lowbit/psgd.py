@@ -33,6 +33,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .optim import checked_gradients, run_closure
 from .quant import check_bits, quantizable_layers, quantize_symmetric
 
 __all__ = ["position_target", "position_scale", "warp", "PSGD", "param_groups", "sparsity",
@@ -164,23 +165,8 @@ class PSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grads = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        sparse = [tuple(p.shape) for _, p in grads if p.grad.is_sparse]
-        if sparse:
-            raise ValueError(f"PSGD does not take sparse gradients (parameters of shapes "
-                             f"{sparse}); use dense gradients (e.g. nn.Embedding(sparse=False))"
-                             "; no parameter was updated")
-        if grads:  # check everything before changing anything
-            peaks = torch.stack([torch.linalg.vector_norm(p.grad, math.inf) for _, p in grads])
-            if not bool(torch.isfinite(peaks).all()):
-                bad = [i for i, v in enumerate(peaks.tolist()) if not math.isfinite(v)]
-                shapes = [tuple(grads[i][1].shape) for i in bad]
-                raise ValueError(f"non-finite gradient in {len(bad)} parameter(s) with shapes "
-                                 f"{shapes}; no parameter was updated")
+        loss = run_closure(closure)
+        grads = checked_gradients(self, "PSGD")  # everything checked before anything changes
         for group, p in grads:
             g = p.grad
             if group["scaled"]:

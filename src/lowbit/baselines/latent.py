@@ -25,6 +25,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..optim import checked_gradients, run_closure
 from ..quant import binarize, quantizable_layers
 
 __all__ = ["Bop", "binary_weights", "quantization_loss"]
@@ -56,25 +57,19 @@ class Bop(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self.flips = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "m" not in state:
-                    if bool((p == 0).any()):
-                        raise ValueError("Bop flips signs: its weights must be ±α, not zero "
-                                         "(set them with lowbit.baselines.binary_weights)")
-                    state["m"] = torch.zeros_like(p)
-                m = state["m"].lerp_(p.grad, group["gamma"])
-                flip = (m.abs() > group["threshold"]) & (torch.sign(m) == torch.sign(p))
-                p.mul_(torch.where(flip, -1.0, 1.0))
-                self.flips += int(flip.sum())
+        for group, p in checked_gradients(self, "Bop"):
+            state = self.state[p]
+            if "m" not in state:
+                if bool((p == 0).any()):
+                    raise ValueError("Bop flips signs: its weights must be ±α, not zero "
+                                     "(set them with lowbit.baselines.binary_weights)")
+                state["m"] = torch.zeros_like(p)
+            m = state["m"].lerp_(p.grad, group["gamma"])
+            flip = (m.abs() > group["threshold"]) & (torch.sign(m) == torch.sign(p))
+            p.mul_(torch.where(flip, -1.0, 1.0))
+            self.flips += int(flip.sum())
         return loss
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant import check_values, quantizable_layers
+from ..quant import check_tensor, quantizable_layers
 
 __all__ = ["check_sparsity", "cubic_sparsity", "layer_masks", "apply_masks", "GradualPruner",
            "snip_masks"]
@@ -117,7 +117,7 @@ def snip_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sparsity: flo
     |g ⊙ w| on the batch ``(x, y)``, ranked over all conv/linear weights together; the top
     (1 − sparsity) of them are kept. The model is left as it was (its gradients cleared)."""
     sparsity = check_sparsity(sparsity)
-    check_values(x, "x")
+    check_tensor(x, "x")
     layers = quantizable_layers(model)
     model.zero_grad(set_to_none=True)
     was_training = model.training

@@ -20,6 +20,7 @@ from typing import Iterable
 
 import torch
 
+from ..optim import checked_gradients, run_closure
 from ..quant import _check_rounding, check_bits, dither, signed_levels
 
 __all__ = ["GridSGD", "on_grid"]
@@ -74,30 +75,24 @@ class GridSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad if g["weight_decay"] == 0 else p.grad.add(p, alpha=g["weight_decay"])
-                if g["bits"] is None:
-                    p.add_(d, alpha=-g["lr"])
-                    continue
-                q = signed_levels(g["bits"])
-                v = p - g["lr"] * d          # transient: the only higher-precision value
-                m = float(v.abs().max())
-                delta = m / q if m > 0 else 1.0
-                step_size = self.state[p].get("delta", delta)
-                self.small_updates += int(((g["lr"] * d).abs() < step_size).sum())
-                self.updates += d.numel()
-                y = v.div_(delta)
-                if g["rounding"] == "stochastic":
-                    y.add_(dither(y, self.generator)).floor_()
-                else:
-                    y.round_()
-                p.copy_(y.clamp_(-q, q).mul_(delta))
-                self.state[p]["delta"] = delta
+        loss = run_closure(closure)
+        for g, p in checked_gradients(self, "GridSGD"):
+            d = p.grad if g["weight_decay"] == 0 else p.grad.add(p, alpha=g["weight_decay"])
+            if g["bits"] is None:
+                p.add_(d, alpha=-g["lr"])
+                continue
+            q = signed_levels(g["bits"])
+            v = p - g["lr"] * d          # transient: the only higher-precision value
+            m = float(v.abs().max())
+            delta = m / q if m > 0 else 1.0
+            step_size = self.state[p].get("delta", delta)
+            self.small_updates += int(((g["lr"] * d).abs() < step_size).sum())
+            self.updates += d.numel()
+            y = v.div_(delta)
+            if g["rounding"] == "stochastic":
+                y.add_(dither(y, self.generator)).floor_()
+            else:
+                y.round_()
+            p.copy_(y.clamp_(-q, q).mul_(delta))
+            self.state[p]["delta"] = delta
         return loss
