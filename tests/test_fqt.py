@@ -39,7 +39,7 @@ def test_nearest_rounding_is_biased_where_stochastic_is_not():
     x = torch.full((1, 1000), 0.3)
     x[0, 0], x[0, 1] = 0.0, 1.0  # range [0, 1], 1 bit: codes 0 and 1
     near = quant.quantize_asymmetric(x, 1)
-    sr = torch.stack([fqt.quantize_ptq(x, 1, torch.Generator().manual_seed(s)) for s in range(400)])
+    sr = torch.stack([fqt.quantize_pt(x, 1, torch.Generator().manual_seed(s)) for s in range(400)])
     assert float(near[0, 5]) == 0.0  # nearest always rounds 0.3 down
     assert abs(float(sr[:, 0, 5:].mean()) - 0.3) < 0.01
 
@@ -73,8 +73,8 @@ def test_rounding_up_probability_is_the_fractional_part(frac):
 
 
 @pytest.mark.skipif(fqt.compiled is None, reason="numba is not installed")
-@pytest.mark.parametrize("copies", [((4, "ptq"), (8, "ptq")), ((8, "psq"),), ((8, "column"),),
-                                    ((2, "psq"), (8, "column")), ((4, "ptq_minmax"), (8, "ptq_minmax"))])
+@pytest.mark.parametrize("copies", [((4, "pt"), (8, "pt")), ((8, "psq"),), ((8, "column"),),
+                                    ((2, "psq"), (8, "column")), ((4, "pt_minmax"), (8, "pt_minmax"))])
 def test_compiled_loop_gives_the_numbers_of_the_torch_operations(copies):
     x = torch.randn(32, 500, generator=torch.Generator().manual_seed(0))
     x *= torch.logspace(-8, 3, 32).unsqueeze(1)  # rows from tiny to large ranges
@@ -87,7 +87,7 @@ def test_compiled_loop_gives_the_numbers_of_the_torch_operations(copies):
 
 
 @pytest.mark.parametrize("path", ["compiled loop", "torch operations"])
-@pytest.mark.parametrize("quantizer", ["ptq", "psq", "bhq"])
+@pytest.mark.parametrize("quantizer", ["pt", "psq", "bhq"])
 def test_layer_workspace_gives_the_same_gradients_as_fresh_memory(monkeypatch, path, quantizer):
     if path == "torch operations":
         from lowbit.fqt import layers
@@ -114,7 +114,7 @@ def test_layer_workspace_gives_the_same_gradients_as_fresh_memory(monkeypatch, p
 def test_weight_gradient_copy_is_per_column_with_the_per_sample_quantizers():
     assert fqt.backward_copies("psq", 4, True) == ((4, "psq"), (8, "column"))
     assert fqt.backward_copies("bhq", 2, False) == ((8, "column"),)
-    assert fqt.backward_copies("ptq", 4, True) == ((4, "ptq"), (8, "ptq"))
+    assert fqt.backward_copies("pt", 4, True) == ((4, "pt"), (8, "pt"))
     # a column with a tiny range keeps its resolution in the 8-bit copy
     g = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
     g[:, 0] *= 1e-4
@@ -128,7 +128,7 @@ def test_per_tensor_grid_holds_zero_as_in_the_official_code():
     for lo, hi in [(-1.0, 3.0), (-0.013, 5.0), (-2.0, 0.001), (0.5, 2.0), (-3.0, -1.0)]:
         for bits in (2, 4, 8):
             g = torch.cat([torch.tensor([lo, hi]), lo + (hi - lo) * torch.rand(98, generator=gen)])
-            q = fqt.quantize_ptq(g.reshape(4, 25), bits, gen)
+            q = fqt.quantize_pt(g.reshape(4, 25), bits, gen)
             low, span = fqt.grid(g.reshape(4, 25), "tensor", bits)
             step = float(span) / (2 ** bits - 1)
             z = -float(low) / step  # the code of zero: a whole number in 0 … B
@@ -140,7 +140,7 @@ def test_per_tensor_grid_holds_zero_as_in_the_official_code():
                 # an exact zero is never moved (to float precision): it sits on a code
             g0 = g.clone()
             g0[5] = 0.0
-            q0 = float(fqt.quantize_ptq(g0.reshape(4, 25), bits, gen).reshape(-1)[5])
+            q0 = float(fqt.quantize_pt(g0.reshape(4, 25), bits, gen).reshape(-1)[5])
             assert abs(q0) <= 1e-6 * float(span), (lo, hi, bits, q0)
 
 
@@ -148,11 +148,11 @@ def test_zero_code_cuts_the_variance_of_a_mostly_small_gradient():
     g = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 1e-3
     g[:4] *= 1000  # four large rows: the rest round around zero
     var = {}
-    for q in ("ptq", "ptq_minmax"):
+    for q in ("pt", "pt_minmax"):
         gen = torch.Generator().manual_seed(1)
         var[q] = float(torch.stack([fqt.quantize_gradient(g, 4, q, gen)
                                     for _ in range(100)]).var(0).sum())
-    assert var["ptq"] < var["ptq_minmax"] / 2
+    assert var["pt"] < var["pt_minmax"] / 2
 
 
 def test_bhq_groups_follow_the_official_rule():
@@ -171,7 +171,7 @@ def test_bhq_groups_follow_the_official_rule():
     torch.testing.assert_close(plan.scale, torch.tensor([s1, s2, s2, s2]))
 
 
-@pytest.mark.parametrize("quantizer", ["ptq", "psq", "bhq"])
+@pytest.mark.parametrize("quantizer", ["pt", "psq", "bhq"])
 @pytest.mark.parametrize("value", [0.0, 0.25])
 def test_zero_or_constant_gradient_is_quantized_exactly(quantizer, value):
     g = torch.full((8, 5), value)
@@ -198,7 +198,7 @@ def test_obscure_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="sparse"):
         fqt.quantize_psq(torch.eye(3).to_sparse(), 4)
     with pytest.raises(ValueError, match="overflows"):
-        fqt.quantize_ptq(torch.tensor([[3e38, -3e38]]), 4)
+        fqt.quantize_pt(torch.tensor([[3e38, -3e38]]), 4)
 
 
 def test_psq_uses_per_row_ranges():
@@ -206,8 +206,8 @@ def test_psq_uses_per_row_ranges():
     q = fqt.quantize_psq(g, 8, torch.Generator().manual_seed(0))
     # row 0 has its own step 1/255, so 0.5 lands within one step of 0.5
     assert abs(float(q[0, 2]) - 0.5) <= 1 / 255 + 1e-6
-    assert fqt.variance_bound(g, 8, "psq") < fqt.variance_bound(g, 8, "ptq")
-    assert fqt.bins_used(g, 2, "psq") >= fqt.bins_used(g, 2, "ptq")
+    assert fqt.variance_bound(g, 8, "psq") < fqt.variance_bound(g, 8, "pt")
+    assert fqt.bins_used(g, 2, "psq") >= fqt.bins_used(g, 2, "pt")
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 8, 17])
@@ -235,8 +235,8 @@ def test_bhq_and_psq_cut_variance_on_a_spiky_gradient():
     for q in fqt.QUANTIZERS:
         gen = torch.Generator().manual_seed(2)
         var[q] = float(torch.stack([fqt.quantize_gradient(g, 4, q, gen) for _ in range(300)]).var(0).sum())
-    assert var["bhq"] < var["psq"] < var["ptq"]
-    assert var["ptq"] <= fqt.variance_bound(g, 4, "ptq")
+    assert var["bhq"] < var["psq"] < var["pt"]
+    assert var["pt"] <= fqt.variance_bound(g, 4, "pt")
     assert var["psq"] <= fqt.variance_bound(g, 4, "psq")
 
 
@@ -312,7 +312,7 @@ def test_bad_settings():
         fqt.convert(SmallCNN(), "fqt", "per-channel")
     with pytest.raises(ValueError, match="draws"):
         fqt.gradient_statistics(fqt.convert(SmallCNN()), torch.randn(2, 1, 28, 28),
-                                torch.tensor([0, 1]), "ptq", 4, draws=1)
+                                torch.tensor([0, 1]), "pt", 4, draws=1)
 
 
 def test_fqt_linear_on_sequences_matches_qat_gradients_in_qat_mode():
@@ -520,3 +520,11 @@ def test_network_variance_adds_up_and_is_zero_without_quantization():
     with pytest.raises(ValueError, match="at least 2 batches"):
         fqt.sampling_variance(m, [(x, y)])
     assert fqt.sampling_variance(m, [(x, y), (x[:4], y[:4])]) > 0
+
+
+def test_unknown_quantizer_is_named_and_the_papers_name_explained():
+    g = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="'pt' here"):
+        fqt.quantize_gradient(g, 4, "ptq")
+    with pytest.raises(ValueError, match="'nope'"):
+        fqt.quantize_gradient(g, 4, "nope")

@@ -154,7 +154,7 @@ def bench_slb(bits: int = 2) -> dict[str, float]:
 
 
 def bench_fqt(grad_bits: int = 4) -> dict[str, float]:
-    """A training step with FQT (PTQ, PSQ or BHQ gradients at ``grad_bits``, weight gradients
+    """A training step with FQT (PT, PSQ or BHQ gradients at ``grad_bits``, weight gradients
     at 8 bits) against the same step with QAT (8-bit forward, full-precision backward), on
     the book's CNN and on the half-width one Part III trains. SGD, batch of 32 images."""
     from .fqt import configure, convert
@@ -165,7 +165,7 @@ def bench_fqt(grad_bits: int = 4) -> dict[str, float]:
         x, y = _mnist_batch(device)
         qat = convert(SmallCNN(widths=widths).to(device), "qat")
         base = train_step(qat, torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9), x, y)
-        for q in ("ptq", "psq", "bhq"):
+        for q in ("pt", "psq", "bhq"):
             m = convert(SmallCNN(widths=widths).to(device), "fqt", q, grad_bits)
             configure(m, generator=torch.Generator(device=device).manual_seed(0))
             step = train_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x, y)

@@ -8,14 +8,14 @@ FQT reference page, ``book/fqt/reference.md``)::
 
     activation gradient:  ∇X = Q_b(∇H) · W         (b bits: the quantizer under study)
     weight gradient:      ∇W = Q_8(∇H)ᵀ · X        (8 bits, as in the official code: on the
-                                                   per-tensor grid with PTQ, one range per
+                                                   per-tensor grid with PT, one range per
                                                    column with PSQ and BHQ)
 
 Stochastic rounding makes ``E[Q(∇H)] = ∇H``, so the FQT gradient is an unbiased estimate of
 the QAT gradient; only its variance grows. Three gradient quantizers, each a function of a
 tensor, a bit-width and an optional ``torch.Generator``, returning the dequantized tensor:
 
-- :func:`quantize_ptq` — per tensor: one grid for all of ``∇H``, holding zero exactly, as in
+- :func:`quantize_pt` — per tensor: one grid for all of ``∇H``, holding zero exactly, as in
   the official code (``zero_code=False``: over [min, max], with no zero code).
 - :func:`quantize_psq` — per sample: one range per row.
 - :func:`quantize_bhq` — block Householder: rows sorted by range, each large row grouped
@@ -27,11 +27,11 @@ The parts, each a module: :mod:`.quantizers` (grids, rounding, the three quantiz
 :mod:`.measure` (codes, bounds, gradient bias and variance), :mod:`.shadow_free` (training
 with the weights stored on a grid, no full-precision copy).
 """
-from .quantizers import (FORWARD_BITS, GRAD_BITS, PTQ_VARIANTS, QUANTIZERS, BHQPlan,
+from .quantizers import (FORWARD_BITS, GRAD_BITS, PT_VARIANTS, QUANTIZERS, BHQPlan,
                          as_rows, bhq_groups, bhq_plan, bhq_transform, check_grad_bits,
                          check_quantizer, code_scales, dequantize, grid, householder,
                          householder_max, quantize_bhq, quantize_copies, quantize_gradient,
-                         quantize_psq, quantize_ptq, reflect, rows_on_grid, sr_codes,
+                         quantize_psq, quantize_pt, reflect, rows_on_grid, sr_codes,
                          zero_code_grid)
 from .kernel import Workspace, can_compile, compiled, quantize_copies_compiled, sr_loop
 from .layers import (FQTConv2d, FQTFunction, FQTLinear, QuantizedBackward, backward_copies,
@@ -41,11 +41,11 @@ from .measure import (bins_used, codes, gradient_statistics, layer_gradients,
                       network_variance, output_gradients, output_noise, propagation_gain,
                       sampling_variance, variance_bound)
 
-__all__ = ["FORWARD_BITS", "GRAD_BITS", "PTQ_VARIANTS", "QUANTIZERS", "BHQPlan", "as_rows",
+__all__ = ["FORWARD_BITS", "GRAD_BITS", "PT_VARIANTS", "QUANTIZERS", "BHQPlan", "as_rows",
            "bhq_groups", "bhq_plan", "bhq_transform", "check_grad_bits", "check_quantizer",
            "code_scales", "dequantize", "grid", "householder", "householder_max",
            "quantize_bhq", "quantize_copies", "quantize_gradient", "quantize_psq",
-           "quantize_ptq", "reflect", "rows_on_grid", "sr_codes", "zero_code_grid", "Workspace",
+           "quantize_pt", "reflect", "rows_on_grid", "sr_codes", "zero_code_grid", "Workspace",
            "can_compile", "compiled", "quantize_copies_compiled", "sr_loop", "FQTConv2d",
            "FQTFunction", "FQTLinear", "QuantizedBackward", "backward_copies", "check_settings", "configure",
            "convert", "wrap",

@@ -1,4 +1,4 @@
-"""The CPU fast path of FQT's backward: PTQ, PSQ and the per-column copy in one loop
+"""The CPU fast path of FQT's backward: PT, PSQ and the per-column copy in one loop
 compiled with numba, in memory a layer keeps between steps.
 
 On a CPU, stochastic rounding costs about ten passes over the gradient as torch operations

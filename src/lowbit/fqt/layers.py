@@ -26,9 +26,9 @@ def backward_copies(quantizer: str, bits: int, need_input_grad: bool
                     ) -> tuple[tuple[int, str], ...]:
     """The quantized copies of ∇H a layer's FQT backward makes: ``bits`` with
     ``quantizer`` for the input gradient (unless none is needed: the first layer), and
-    an 8-bit copy for the weight gradient — on the same per-tensor grid with PTQ, one range
+    an 8-bit copy for the weight gradient — on the same per-tensor grid with PT, one range
     per column (feature) with the per-sample quantizers, as in the official code."""
-    wt = (FORWARD_BITS, quantizer if quantizer.startswith("ptq") else "column")
+    wt = (FORWARD_BITS, quantizer if quantizer.startswith("pt") else "column")
     return ((bits, quantizer), wt) if need_input_grad else (wt,)
 
 

@@ -22,7 +22,7 @@ __all__ = ["codes", "bins_used", "variance_bound", "output_gradients", "layer_gr
 
 
 @torch.no_grad()
-def codes(g: torch.Tensor, bits: int, quantizer: str = "ptq",
+def codes(g: torch.Tensor, bits: int, quantizer: str = "pt",
           generator: torch.Generator | None = None) -> torch.Tensor:
     """The integer codes (0 … 2^b − 1, as floats, shaped (N, D)) that ``quantizer`` gives
     the rows of ``g`` — in the transformed domain for BHQ."""
@@ -33,7 +33,7 @@ def codes(g: torch.Tensor, bits: int, quantizer: str = "ptq",
 
 
 @torch.no_grad()
-def bins_used(g: torch.Tensor, bits: int, quantizer: str = "ptq",
+def bins_used(g: torch.Tensor, bits: int, quantizer: str = "pt",
               generator: torch.Generator | None = None) -> float:
     """Mean over rows of the fraction of the 2^b codes a row's quantized values use (in the
     transformed domain for BHQ): how much of the grid the quantizer puts to work."""
@@ -42,14 +42,14 @@ def bins_used(g: torch.Tensor, bits: int, quantizer: str = "ptq",
     return sum(used) / (len(used) * 2 ** check_grad_bits(bits))
 
 
-def variance_bound(g: torch.Tensor, bits: int, quantizer: str = "ptq") -> float:
+def variance_bound(g: torch.Tensor, bits: int, quantizer: str = "pt") -> float:
     """The variance bound of the quantized gradient (summed over entries; the FQT reference
     page): each entry's stochastic rounding has variance at most Δ²/4, so per tensor
     N·D·Δ²/4 (Δ = span/B of the tensor's grid), per sample Σᵢ D·Δᵢ²/4."""
     x = as_rows(g)
     b = check_grad_bits(bits)
-    if quantizer not in ("ptq", "ptq_minmax", "psq"):
-        raise ValueError(f"the bound is for 'ptq', 'ptq_minmax' or 'psq', got {quantizer!r}")
+    if quantizer not in ("pt", "pt_minmax", "psq"):
+        raise ValueError(f"the bound is for 'pt', 'pt_minmax' or 'psq', got {quantizer!r}")
     span = grid(x, _SCOPE[quantizer], b)[1]
     return float((x.shape[1] * span.expand(x.shape[0], 1) ** 2).sum()) / (4 * (2 ** b - 1) ** 2)
 

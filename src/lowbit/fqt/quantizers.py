@@ -1,4 +1,4 @@
-"""FQT's gradient quantizers: stochastic rounding on a grid per tensor (PTQ), per sample
+"""FQT's gradient quantizers: stochastic rounding on a grid per tensor (PT), per sample
 (PSQ), or per sample after the block Householder transform (BHQ). Each is unbiased,
 E[Q(∇H)] = ∇H, and each follows the official code (StatQuant) where the book says so
 (the differences that remain: the FQT reference page, ``book/fqt/reference.md``).
@@ -18,9 +18,9 @@ import torch
 
 from ..quant import check_bits, check_values, dither
 
-__all__ = ["GRAD_BITS", "FORWARD_BITS", "QUANTIZERS", "PTQ_VARIANTS", "check_grad_bits", "check_quantizer",
+__all__ = ["GRAD_BITS", "FORWARD_BITS", "QUANTIZERS", "PT_VARIANTS", "check_grad_bits", "check_quantizer",
            "as_rows", "grid", "zero_code_grid", "code_scales", "sr_codes", "dequantize",
-           "rows_on_grid", "quantize_copies", "quantize_ptq", "quantize_psq", "quantize_bhq",
+           "rows_on_grid", "quantize_copies", "quantize_pt", "quantize_psq", "quantize_bhq",
            "quantize_gradient", "householder", "householder_max", "BHQPlan", "bhq_plan",
            "bhq_groups", "reflect", "bhq_transform"]
 
@@ -29,15 +29,16 @@ GRAD_BITS = (1, 32)
 #: The width of QAT's forward pass (weights and activations) and of the copy of ∇H that
 #: makes the weight gradient, as in the paper and the official code.
 FORWARD_BITS = 8
-#: The three quantizers the book compares. ``"ptq"`` is the official per-tensor quantizer,
-#: whose grid holds zero exactly (:func:`zero_code_grid`).
-QUANTIZERS = ("ptq", "psq", "bhq")
-#: Also accepted: ``"ptq_minmax"``, per tensor over [min, max] with no zero code (the
+#: The three quantizers the book compares. ``"pt"`` is the official per-tensor quantizer,
+#: whose grid holds zero exactly (:func:`zero_code_grid`); the FQT paper calls it PTQ, a name
+#: this book keeps for post-training quantization.
+QUANTIZERS = ("pt", "psq", "bhq")
+#: Also accepted: ``"pt_minmax"``, per tensor over [min, max] with no zero code (the
 #: book's first version; the FQT quantizers chapter measures what the zero code is worth).
-PTQ_VARIANTS = ("ptq_minmax",)
-_ALL = QUANTIZERS + PTQ_VARIANTS
+PT_VARIANTS = ("pt_minmax",)
+_ALL = QUANTIZERS + PT_VARIANTS
 #: The grid each quantizer puts on the rows (BHQ: on the transformed rows).
-_SCOPE = {"ptq": "tensor", "ptq_minmax": "tensor_minmax", "psq": "row", "bhq": "row"}
+_SCOPE = {"pt": "tensor", "pt_minmax": "tensor_minmax", "psq": "row", "bhq": "row"}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -47,6 +48,10 @@ def check_grad_bits(bits: object) -> int:
 
 
 def check_quantizer(quantizer: object) -> str:
+    if isinstance(quantizer, str) and quantizer.lower().startswith("ptq"):
+        raise ValueError(f"quantizer {quantizer!r}: the FQT paper's per-tensor quantizer (PTQ) is "
+                         f"called 'pt' here (PTQ means post-training quantization in this book); "
+                         f"choose one of {_ALL}")
     if quantizer not in _ALL:
         raise ValueError(f"quantizer must be one of {_ALL}, got {quantizer!r}")
     return quantizer
@@ -288,7 +293,7 @@ def quantize_copies(x: torch.Tensor, copies: tuple[tuple[int, str], ...],
                     out: list[torch.Tensor | None] | None = None,
                     n_groups: int | None = None) -> list[torch.Tensor]:
     """Quantize the rows ``x`` once for each ``(bits, quantizer_or_scope)`` of ``copies``
-    (``"ptq"``, ``"ptq_minmax"``, ``"psq"``, ``"bhq"``, or a :func:`grid` scope such as
+    (``"pt"``, ``"pt_minmax"``, ``"psq"``, ``"bhq"``, or a :func:`grid` scope such as
     ``"column"``), every copy with the same uniform draw ``u`` (made here when not given:
     each copy stays unbiased, and the random numbers, the largest cost on a CPU, are drawn
     once). ``out`` holds memory for each result (or None). Half-precision rows are
@@ -310,22 +315,22 @@ def quantize_copies(x: torch.Tensor, copies: tuple[tuple[int, str], ...],
     return results
 
 
-def quantize_gradient(g: torch.Tensor, bits: int, quantizer: str = "ptq",
+def quantize_gradient(g: torch.Tensor, bits: int, quantizer: str = "pt",
                       generator: torch.Generator | None = None,
                       n_groups: int | None = None) -> torch.Tensor:
-    """Quantize a gradient with ``quantizer`` (``"ptq"``, ``"psq"``, ``"bhq"`` or
-    ``"ptq_minmax"``); ``n_groups`` fixes BHQ's number of leaders."""
+    """Quantize a gradient with ``quantizer`` (``"pt"``, ``"psq"``, ``"bhq"`` or
+    ``"pt_minmax"``); ``n_groups`` fixes BHQ's number of leaders."""
     check_quantizer(quantizer)
     x = as_rows(g)
     return quantize_copies(x, ((check_grad_bits(bits), quantizer),), generator,
                            n_groups=n_groups)[0].reshape(g.shape)
 
 
-def quantize_ptq(g: torch.Tensor, bits: int, generator: torch.Generator | None = None,
+def quantize_pt(g: torch.Tensor, bits: int, generator: torch.Generator | None = None,
                  zero_code: bool = True) -> torch.Tensor:
     """Per-tensor quantizer: one grid for the whole gradient, stochastic rounding; the grid
     holds zero exactly (:func:`zero_code_grid`) unless ``zero_code=False`` ([min, max])."""
-    return quantize_gradient(g, bits, "ptq" if zero_code else "ptq_minmax", generator)
+    return quantize_gradient(g, bits, "pt" if zero_code else "pt_minmax", generator)
 
 
 def quantize_psq(g: torch.Tensor, bits: int, generator: torch.Generator | None = None
