@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from lowbit import book
 
@@ -139,3 +140,15 @@ def test_log_error():
     assert abs(book.log_error([90.0])[0] - math.log(10.0)) < 1e-12
     with pytest.raises(ValueError, match=r"\[0, 100\)"):
         book.log_error([100.0])
+
+
+def test_value_histograms_count_every_entry_on_shared_bins():
+    from lowbit import plots
+    g = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    g[0, 0] = 1e3  # an outlier lands in the last bin, not outside the plot
+    traces = plots.value_histograms(g, {"PT": g.round(), "half": g / 2}, bins=21)
+    assert [t.name for t in traces] == ["full precision", "PT", "half"]
+    for t in traces:
+        assert len(t.x) == 21 and sum(t.y) == g.numel()
+    assert list(traces[0].x) == list(traces[1].x)
+    assert traces[0].y[-1] >= 1

@@ -16,7 +16,7 @@ import torch
 from plotly.io._base_renderers import NotebookRenderer
 
 __all__ = ["BookRenderer", "use_notebook_renderer", "stepped_figure", "line_figure", "grid_lines",
-           "histogram_with_grid", "quantizer_staircase", "history_figure", "contour_with_paths",
+           "histogram_with_grid", "value_histograms", "quantizer_staircase", "history_figure", "contour_with_paths",
            "COLORS"]
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
@@ -115,6 +115,29 @@ def histogram_with_grid(w, levels, bins: int = 120, name: str = "weights",
     bar = go.Bar(x=centers, y=counts, width=float(edges[1] - edges[0]), name=name,
                  marker=dict(color=color), opacity=0.8)
     return [bar, grid_lines(levels, float(counts.max()) * 1.05)]
+
+
+def value_histograms(reference, others: Mapping[str, object], bins: int = 81,
+                     coverage: float = 0.995, reference_name: str = "full precision"
+                     ) -> list[go.BasePlotlyType]:
+    """Traces: step-line histograms of ``reference`` (filled) and of each tensor in
+    ``others``, on shared bins over the central ``coverage`` of ``reference``'s values
+    (values outside are counted in the two end bins, so nothing is hidden); counts per bin.
+    For comparing a tensor with its quantized versions."""
+    ref = _np(reference).ravel().astype(np.float64)
+    tail = (1.0 - coverage) / 2
+    lo, hi = np.quantile(ref, [tail, 1.0 - tail])
+    if not hi > lo:
+        lo, hi = lo - 1.0, hi + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    traces = []
+    for i, (name, x) in enumerate([(reference_name, ref), *others.items()]):
+        counts, _ = np.histogram(np.clip(_np(x).ravel(), lo, hi), bins=edges)
+        style = dict(fill="tozeroy", line=dict(color="#999", shape="hvh")) if i == 0 else \
+            dict(line=dict(color=COLORS[(i - 1) % len(COLORS)], shape="hvh", width=1.5))
+        traces.append(go.Scatter(x=centers, y=counts, name=name, mode="lines", **style))
+    return traces
 
 
 def quantizer_staircase(w, q, name: str = "Q(w)") -> list[go.BasePlotlyType]:
