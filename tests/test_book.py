@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,7 +69,10 @@ def test_vendor_js_failure_takes_the_cdn_fallback(tmp_path, monkeypatch):
     monkeypatch.setattr(mod.shutil, "which", lambda name: "/usr/bin/npm")
     config = SimpleNamespace(html_extra_path=[], nb_ipywidgets_js=None, mathjax_path=None)
     mod.configure(SimpleNamespace(confdir=str(tmp_path)), config)   # does not raise
-    assert config.html_extra_path == [] and config.nb_ipywidgets_js is None
+    assert config.nb_ipywidgets_js is None and config.mathjax_path is None  # CDN defaults
+    # plotly.js needs no npm: the plotly package's own copy is served either way
+    assert config.html_extra_path == [str(tmp_path / "_build" / ".jsdeps")]
+    assert (tmp_path / "_build" / ".jsdeps" / "vendor" / "plotly.min.js").stat().st_size > 1e6
 
 
 def _book_with_env(**env):
@@ -152,3 +156,59 @@ def test_value_histograms_count_every_entry_on_shared_bins():
         assert len(t.x) == 21 and sum(t.y) == g.numel()
     assert list(traces[0].x) == list(traces[1].x)
     assert traces[0].y[-1] >= 1
+
+
+def test_execution_patch_repolls_a_socket_whose_wakeup_was_lost():
+    """book/_ext/execution.py: get_msg polls in one-second slices, so a message that is
+    waiting when a slice ends is returned then, not at the caller's deadline."""
+    import asyncio
+    from queue import Empty
+
+    spec = importlib.util.spec_from_file_location("execution", ROOT / "book/_ext/execution.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.SLICE = 0.05
+
+    class Socket:  # never wakes a poll: a message counts only when a poll starts
+        def __init__(self, ready_at):
+            self.ready_at = ready_at
+
+        async def poll(self, timeout_ms):
+            if time.monotonic() >= self.ready_at:
+                return 1
+            await asyncio.sleep(timeout_ms / 1000)
+            return 0
+
+    class Channel:
+        def __init__(self, ready_in):
+            self.socket = Socket(time.monotonic() + ready_in)
+
+        async def _recv(self):
+            return {"msg": "reply"}
+
+    async def original(self, timeout=None):  # jupyter_client's: one poll, then Empty
+        if await self.socket.poll(None if timeout is None else int(timeout * 1000)):
+            return await self._recv()
+        raise Empty
+
+    mod._original_get_msg = original
+    start = time.monotonic()
+    assert asyncio.run(mod.get_msg(Channel(0.12), timeout=10)) == {"msg": "reply"}
+    assert time.monotonic() - start < 1.0  # found at the next slice, not at 10 s
+    with pytest.raises(Empty):
+        asyncio.run(mod.get_msg(Channel(5.0), timeout=0.2))
+    assert asyncio.run(mod.get_msg(Channel(0.1), timeout=None)) == {"msg": "reply"}
+
+
+def test_book_renderer_embeds_no_plotly_js_and_stores_single_precision(capsys):
+    import numpy as np
+    import plotly.graph_objects as go
+    from lowbit import plots
+
+    renderer = plots.BookRenderer()
+    renderer.activate()  # plotly's own would display a 4.8 MB script here
+    assert capsys.readouterr().out == ""
+    x = np.linspace(0, 1, 1001)
+    html = renderer.to_mimebundle(go.Figure(go.Scatter(x=x, y=x ** 2)).to_dict())["text/html"]
+    assert "Plotly.newPlot" in html and "plotly.js v" not in html and len(html) < 25_000
+    assert '"dtype":"f4"' in html.replace(" ", "") and '"f8"' not in html

@@ -103,3 +103,67 @@ def test_page_renders(server, page):
         Path(folder).mkdir(parents=True, exist_ok=True)
         out = Path(folder) / (page.replace("/", "_").removesuffix(".html") + ".png")
         chromium(f"{server}/{page}", f"--screenshot={out}", "--window-size=1280,6000")
+
+
+# Light pages: plotly.js is served once for the whole site (lowbit.plots.BookRenderer embeds
+# no copy; book/_ext/widget_js.py serves the plotly package's own file), so a page weighs
+# what its text and figure data weigh.
+PAGE_LIMIT_MB, SITE_LIMIT_MB = 1.5, 25.0
+
+
+def test_pages_are_light():
+    sizes = {page: (HTML / page).stat().st_size / 1e6 for page in PAGES}
+    heavy = {p: round(s, 2) for p, s in sizes.items() if s > PAGE_LIMIT_MB}
+    assert not heavy, f"pages over {PAGE_LIMIT_MB} MB: {heavy}"
+    copies = [p for p in PAGES if "/** plotly.js" in (HTML / p).read_text() or
+              "plotly.js v" in (HTML / p).read_text()[:200_000]]
+    assert not copies, f"pages that embed their own plotly.js: {copies}"
+
+
+def test_site_is_light():
+    total = sum(f.stat().st_size for f in HTML.rglob("*") if f.is_file()) / 1e6
+    assert total < SITE_LIMIT_MB, f"the site weighs {total:.1f} MB (limit {SITE_LIMIT_MB})"
+    assert (HTML / "vendor" / "plotly.min.js").exists(), "plotly.js is not served by the book"
+
+
+SLIDER_PAGES = [p for p in PAGES if '"sliders"' in (HTML / p).read_text()]
+# Moves the last slider step of every figure that has a slider, the way a reader does:
+# plotly's own slider API (the step's method and args, as a click on the rail runs them).
+MOVE_SLIDERS = """() => Array.from(document.querySelectorAll('div.plotly-graph-div'))
+  .filter(gd => gd.layout && gd.layout.sliders && gd.layout.sliders.length)
+  .map(gd => {
+    const s = gd.layout.sliders[0], before = gd.data.map(t => t.visible);
+    const target = s.active === s.steps.length - 1 ? 0 : s.steps.length - 1;
+    const rail = gd.querySelector('.slider-rail-touch-rect');
+    return {id: gd.id, target, before, steps: s.steps.length, rail: !!rail};
+  })"""
+
+
+@pytest.mark.parametrize("page", SLIDER_PAGES)
+def test_sliders_move(server, page):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        tab.goto(f"{server}/{page}", wait_until="networkidle")
+        count = len(BeautifulSoup((HTML / page).read_text(), "html.parser")
+                    .select("div.plotly-graph-div"))
+        tab.wait_for_function("n => document.querySelectorAll("
+                              "'div.plotly-graph-div svg.main-svg').length >= n",
+                              arg=count, timeout=30_000)  # every figure has drawn
+        figures = tab.evaluate(MOVE_SLIDERS)
+        assert figures, f"{page}: no figure with a slider drew"
+        for fig in figures:
+            gd = tab.locator(f"[id='{fig['id']}']")
+            gd.scroll_into_view_if_needed()
+            rail = gd.locator(".slider-rail-touch-rect").first
+            box = rail.bounding_box()
+            assert box, f"{page}: figure {fig['id']} has no slider rail"
+            x = box["x"] + (box["width"] - 3 if fig["target"] else 3)
+            tab.mouse.click(x, box["y"] + box["height"] / 2)
+            tab.wait_for_timeout(300)
+            after = tab.evaluate(f"() => document.getElementById('{fig['id']}').data.map(t => t.visible)")
+            active = tab.evaluate(f"() => document.getElementById('{fig['id']}').layout.sliders[0].active")
+            assert active == fig["target"], f"{page}: slider of {fig['id']} did not move"
+            assert after != fig["before"], f"{page}: moving the slider of {fig['id']} changed nothing"
+        browser.close()

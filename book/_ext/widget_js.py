@@ -6,6 +6,10 @@ ipywidgets embedder) and MathJax 3 from the npm registry into ``_build/.jsdeps/v
 myst-nb and Sphinx load the scripts from there. If npm is missing or fails, the build
 keeps the CDN defaults and says so.
 
+plotly.js is not fetched: the installed plotly package ships it, and it is copied to the same
+folder and loaded once by every page with a figure (the notebooks embed no copy of their own:
+``lowbit.plots.BookRenderer``), so a browser downloads it once for the whole site.
+
 Two fixes for what the pages load:
 
 - html-manager 1.x typesets widget labels with MathJax 2's ``MathJax.Hub.Queue``, which
@@ -29,12 +33,14 @@ from sphinx.util import logging
 logger = logging.getLogger(__name__)
 
 FOLDER = "vendor"
+PLOTLY_JS = "plotly.min.js"
 # package -> (version, {path inside the package: path under vendor/})
 PACKAGES = {
     "requirejs": ("2.3.7", {"require.js": "require.js"}),
+    # the widget icons' font as WOFF2 and WOFF, which every browser the book supports reads
+    # first; the legacy TTF, EOT and SVG copies (2 MB) are left out
     "@jupyter-widgets/html-manager": ("1.0.15", {"dist/embed-amd.js": "embed-amd.js",
-                                                 "dist/*.woff*": "", "dist/*.ttf": "",
-                                                 "dist/*.eot": "", "dist/*.svg": ""}),
+                                                 "dist/*.woff*": ""}),
     "mathjax": ("3.2.2", {"es5/tex-mml-chtml.js": "mathjax/tex-mml-chtml.js",
                           "es5/output/chtml/fonts/woff-v2/*":
                               "mathjax/output/chtml/fonts/woff-v2/"}),
@@ -104,26 +110,60 @@ def _fetch(dest: Path) -> None:
         shutil.copytree(tmp_path / "out", dest)
 
 
+def serve_plotly(extra: Path) -> None:
+    """Copy the plotly.js that the installed plotly package ships (no download) into
+    ``extra/vendor``; pages with a figure load it from there (:func:`add_plotly`)."""
+    import plotly
+    src = Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
+    dest = extra / FOLDER / PLOTLY_JS
+    if not dest.exists() or dest.stat().st_size != src.stat().st_size:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dest)
+
+
 def configure(app: Sphinx, config: Config) -> None:
     extra = Path(app.confdir) / "_build" / ".jsdeps"
-    dest = extra / FOLDER
-    if not (dest / "embed-amd.js").exists() or not (dest / "mathjax").exists():
-        if shutil.which("npm") is None:
-            logger.info("vendor JS: npm not found, so widgets and math load their JavaScript "
-                        "from CDNs (install Node.js/npm for a self-contained book)")
-            return
-        try:
-            _fetch(dest)
-        except Exception as e:  # any failure here takes the CDN fallback, never stops the build
-            logger.info(f"vendor JS: fetching with npm failed ({e}); widgets and math load "
-                        "their JavaScript from CDNs instead")
-            return
+    if _vendor_npm(extra / FOLDER):
+        # Sphinx puts relative script paths under _static/, so step out of it.
+        config.nb_ipywidgets_js = {f"../{FOLDER}/require.js": {},
+                                   f"../{FOLDER}/embed-amd.js": {}}
+        config.mathjax_path = f"../{FOLDER}/mathjax/tex-mml-chtml.js"
+        logger.info(f"vendor JS: serving require.js, html-manager and MathJax from {FOLDER}/")
+    serve_plotly(extra)
     config.html_extra_path = list(config.html_extra_path) + [str(extra)]
-    # Sphinx puts relative script paths under _static/, so step out of it.
-    config.nb_ipywidgets_js = {f"../{FOLDER}/require.js": {},
-                               f"../{FOLDER}/embed-amd.js": {}}
-    config.mathjax_path = f"../{FOLDER}/mathjax/tex-mml-chtml.js"
-    logger.info(f"vendor JS: serving require.js, html-manager and MathJax from {FOLDER}/")
+
+
+def _vendor_npm(dest: Path) -> bool:
+    """The npm packages in ``dest``, fetched if missing; False (CDN fallback) without npm."""
+    if (dest / "embed-amd.js").exists() and (dest / "mathjax").exists():
+        return True
+    if shutil.which("npm") is None:
+        logger.info("vendor JS: npm not found, so widgets and math load their JavaScript "
+                    "from CDNs (install Node.js/npm for a self-contained book)")
+        return False
+    try:
+        _fetch(dest)
+    except Exception as e:  # any failure here takes the CDN fallback, never stops the build
+        logger.info(f"vendor JS: fetching with npm failed ({e}); widgets and math load "
+                    "their JavaScript from CDNs instead")
+        return False
+    return True
+
+
+def add_plotly(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    """Pages that draw a plotly figure load the site's one copy of plotly.js, before
+    require.js (priority 200 < 500), so that its UMD header defines the global ``Plotly``
+    the figures call instead of an anonymous require.js module."""
+    if "plotly-graph-div" in context.get("body", ""):
+        app.add_js_file(f"../{FOLDER}/{PLOTLY_JS}", priority=200)
+
+
+def drop_source_maps(app: Sphinx, exception) -> None:
+    """The theme's JavaScript and CSS source maps (3.5 MB, read only by a browser's developer
+    tools) are not published."""
+    if exception is None and app.builder.format == "html":
+        for f in Path(app.outdir, "_static").rglob("*.map"):
+            f.unlink()
 
 
 def drop_duplicate_scripts(app: Sphinx, pagename: str, templatename: str, context: dict,
@@ -145,6 +185,8 @@ def drop_duplicate_scripts(app: Sphinx, pagename: str, templatename: str, contex
 def setup(app: Sphinx) -> dict:
     app.connect("config-inited", configure, priority=100)
     # last, after the themes have added their scripts
+    app.connect("html-page-context", add_plotly)
+    app.connect("build-finished", drop_source_maps)
     app.connect("html-page-context", drop_duplicate_scripts, priority=900)
     app.add_js_file(None, body=MATHJAX_HUB_SHIM, priority=100)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -7,6 +7,7 @@ in Jupyter and in the built book.
 """
 from __future__ import annotations
 
+import base64
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -24,15 +25,36 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c
 
 
 class BookRenderer(NotebookRenderer):
-    """plotly's notebook renderer (plotly.js embedded once per notebook, no CDN) minus the
-    MathJax 2 script it would load from a CDN in every figure: the book has MathJax 3."""
+    """plotly's notebook renderer, minus two things it would put in every notebook: a 4.8 MB
+    copy of plotly.js (the built book serves one copy for the whole site, from its own files:
+    ``book/_ext/widget_js.py``; JupyterLab and Notebook 7 draw the figures' plotly JSON with
+    the ``jupyterlab-plotly`` extension that ships with plotly) and the MathJax 2 script it
+    would load from a CDN in every figure (the book has MathJax 3)."""
+
+    def activate(self) -> None:
+        """Embed nothing: plotly.js comes from the page, not from the notebook's outputs."""
 
     def to_mimebundle(self, fig_dict: dict) -> dict:
         from plotly.io import to_html
         return {"text/html": to_html(
-            fig_dict, config=self.config, auto_play=self.auto_play, include_plotlyjs=False,
+            _single_precision(fig_dict), config=self.config, auto_play=self.auto_play, include_plotlyjs=False,
             include_mathjax=False, full_html=False, animation_opts=self.animation_opts,
             default_width="100%", default_height=525, validate=False)}
+
+
+def _single_precision(obj):
+    """A copy of a figure dict whose float64 arrays are float32: about 7 significant digits,
+    more than a screen can show, in half the bytes (plotly stores numeric arrays as binary)."""
+    if isinstance(obj, dict):
+        if obj.get("dtype") == "f8" and isinstance(obj.get("bdata"), str):  # plotly's binary form
+            values = np.frombuffer(base64.b64decode(obj["bdata"]), dtype="<f8").astype("<f4")
+            return {**obj, "dtype": "f4", "bdata": base64.b64encode(values.tobytes()).decode()}
+        return {k: _single_precision(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_single_precision(v) for v in obj)
+    if isinstance(obj, np.ndarray) and obj.dtype == np.float64:
+        return obj.astype(np.float32)
+    return obj
 
 
 def use_notebook_renderer() -> None:
@@ -166,14 +188,18 @@ def history_figure(histories: Mapping[str, object], metric: str = "test_acc",
 
 def contour_with_paths(x, y, z, paths: Mapping[str, Sequence] | None = None,
                        points=None, title: str = "", xaxis: str = "w₁", yaxis: str = "w₂",
-                       height: int = 460, colorscale: str = "Blues_r") -> go.Figure:
+                       height: int = 460, colorscale: str = "Blues_r",
+                       max_path_points: int = 500) -> go.Figure:
     """A contour plot of ``z`` over the (possibly non-uniform) axes ``x``, ``y``, with
-    named paths (each an (n, 2) array of points) and optional marker ``points``."""
+    named paths (each an (n, 2) array of points, drawn through at most ``max_path_points``
+    of them) and optional marker ``points``."""
     fig = go.Figure(go.Contour(x=_np(x), y=_np(y), z=_np(z), colorscale=colorscale,
                                showscale=False, contours=dict(coloring="heatmap"),
                                ncontours=25, line=dict(width=0.5), hoverinfo="skip"))
     for i, (name, path) in enumerate((paths or {}).items()):
         path = _np(path)
+        if len(path) > max_path_points:  # evenly spaced points, the last one kept
+            path = path[np.unique(np.linspace(0, len(path) - 1, max_path_points).round().astype(int))]
         fig.add_trace(go.Scatter(x=path[:, 0], y=path[:, 1], mode="lines", name=name,
                                  line=dict(color=COLORS[(i + 1) % len(COLORS)], width=2)))
         fig.add_trace(go.Scatter(x=path[-1:, 0], y=path[-1:, 1], mode="markers",
