@@ -20,8 +20,11 @@ __all__ = ["BookRenderer", "use_notebook_renderer", "stepped_figure", "line_figu
            "histogram_with_grid", "value_histograms", "quantizer_staircase", "history_figure", "contour_with_paths",
            "COLORS"]
 
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
-          "#e377c2", "#7f7f7f", "#bcbd22"]
+#: Line colours in order of use: the Okabe–Ito palette, told apart by readers with the common
+#: forms of colour blindness (blue, vermillion, bluish green, reddish purple, orange, sky
+#: blue, black, yellow last since it is faint on white), then two greys.
+COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
+          "#F0E442", "#7f7f7f", "#bbbbbb"]
 
 
 class BookRenderer(NotebookRenderer):
@@ -117,7 +120,7 @@ def line_figure(x: Sequence, series: Mapping[str, Sequence[float]], title: str =
     return fig
 
 
-def grid_lines(levels, y_max: float, name: str = "grid", color: str = "#d62728",
+def grid_lines(levels, y_max: float, name: str = "grid", color: str = COLORS[1],
                showlegend: bool = True) -> go.Scatter:
     """Vertical lines at the quantization ``levels`` as one trace (cheap to draw)."""
     xs, ys = [], []
