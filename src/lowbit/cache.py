@@ -94,9 +94,9 @@ def read_entry(path: Path) -> bytes | None:
 
 
 #: Modules that never touch a model's training (figures, the notebooks' helpers, timing,
-#: landscape plots, this cache): left out of the source hash, so that editing them keeps
+#: landscape plots, this cache, the course release): left out of the source hash, so that editing them keeps
 #: trained models.
-NOT_TRAINING = ("bench.py", "book.py", "landscape.py", "plots.py", "cache.py")
+NOT_TRAINING = ("bench.py", "book.py", "landscape.py", "plots.py", "cache.py", "course.py")
 
 
 @functools.lru_cache(maxsize=1)
