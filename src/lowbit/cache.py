@@ -94,8 +94,8 @@ def read_entry(path: Path) -> bytes | None:
 
 
 #: Modules that never touch a model's training (figures, the notebooks' helpers, timing,
-#: landscape plots, this cache, the course release): left out of the source hash, so that editing them keeps
-#: trained models.
+#: landscape plots, this cache, the course release): left out of the source hash, so that
+#: editing them keeps trained models.
 NOT_TRAINING = ("bench.py", "book.py", "landscape.py", "plots.py", "cache.py", "course.py")
 
 
