@@ -173,11 +173,13 @@ def bench_fqt(grad_bits: int = 4) -> dict[str, float]:
     return out
 
 
+#: The benchmarks by name, each returning its ratios (``python -m lowbit.bench NAME``).
 BENCHMARKS: dict[str, Callable[[], dict[str, float]]] = {
     "fake_quant": bench_fake_quant, "psgd": bench_psgd, "slb": bench_slb, "fqt": bench_fqt}
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m lowbit.bench [names]``: run the benchmarks and print each ratio."""
     p = argparse.ArgumentParser(prog="python -m lowbit.bench", description=__doc__)
     p.add_argument("only", nargs="*", help=f"benchmarks to run (default all): {list(BENCHMARKS)}")
     args = p.parse_args(argv)

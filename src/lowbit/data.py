@@ -66,6 +66,8 @@ def _mnist1d(seed: int) -> dict[str, np.ndarray]:
             "y_test": d["y_test"].astype(np.int64)}
 
 
+#: The packaged data sets by name, each a function of the seed that returns the train and
+#: test arrays (nothing is downloaded).
 DATASETS: dict[str, Callable[[int], dict[str, np.ndarray]]] = {
     "mnist": _mnist, "digits": _digits, "mnist1d": _mnist1d}
 

@@ -146,6 +146,7 @@ class TinyTransformer(nn.Module):
 
 
 def resnet20(num_classes: int = 10) -> ResNet20:
+    """ResNet-20 for CIFAR-10 (He et al. 2016), the papers' model."""
     return ResNet20(num_classes)
 
 

@@ -20,7 +20,7 @@ __all__ = ["BookRenderer", "use_notebook_renderer", "stepped_figure", "line_figu
            "histogram_with_grid", "value_histograms", "quantizer_staircase", "history_figure", "contour_with_paths",
            "COLORS"]
 
-#: Line colours in order of use: the Okabe–Ito palette, told apart by readers with the common
+#: Line colours in order of use — the Okabe–Ito palette, told apart by readers with the common
 #: forms of colour blindness (blue, vermillion, bluish green, reddish purple, orange, sky
 #: blue, black, yellow last since it is faint on white), then two greys.
 COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",

@@ -228,14 +228,14 @@ def magnitude_prune(model: nn.Module, amount: float) -> nn.Module:
 
 
 def sparsity(model: nn.Module, threshold: float = 0.0) -> float:
-    """Fraction of conv/linear weights with |w| ≤ threshold (exact zeros by default)."""
+    """Fraction of conv/linear weights with ``|w| ≤ threshold`` (exact zeros by default)."""
     ws = [m.weight.detach() for _, m in quantizable_layers(model)]
     zeros = sum(int((w.abs() <= threshold).sum()) for w in ws)
     return zeros / sum(w.numel() for w in ws)
 
 
 def weight_quantization_mse(model: nn.Module, bits: int) -> float:
-    """Mean of |w − Q(w)|² over all conv/linear weights (each layer its own grid)."""
+    """Mean of ``|w − Q(w)|²`` over all conv/linear weights (each layer its own grid)."""
     total, n = 0.0, 0
     for _, m in quantizable_layers(model):
         w = m.weight.detach()

@@ -136,13 +136,13 @@ MAX_LISTED_BITS = 16
 
 def symmetric_grid(delta: float | torch.Tensor, bits: int) -> torch.Tensor:
     """All 2^b - 1 values of the symmetric grid with step ``delta`` (a 1-D tensor; at most
-    :data:`MAX_LISTED_BITS` bits, a list of 65,535 values)."""
+    ``MAX_LISTED_BITS`` bits, a list of 65,535 values)."""
     qmax = 2 ** (check_bits(bits, 2, MAX_LISTED_BITS, "bits of a listed grid") - 1) - 1
     return torch.arange(-qmax, qmax + 1, dtype=torch.float32) * torch.as_tensor(delta).float()
 
 
 # ----------------------------------------------------------------------------- rounding
-#: Resolution of the dither u in stochastic rounding: 2^16 levels, four to a 64-bit draw.
+#: Resolution of the dither u in stochastic rounding — 2^16 levels, four to a 64-bit draw.
 DITHER_BITS = 16
 #: u = DITHER_HALF + k·2^-16 for the int16 level k (:func:`dither_levels`): (k + 2^15 + ½)/2^16.
 DITHER_HALF = 0.5 + 2.0 ** -(DITHER_BITS + 1)

@@ -470,6 +470,7 @@ def train_fqt(r: Recipe, mode: str = "fqt", quantizer: str = "psq", grad_bits: i
 
 
 # ----------------------------------------------------------------------------- Part IV
+#: How Part IV's runs make their weights low-bit (``fp`` keeps them in full precision).
 WEIGHT_METHODS = ("fp", "sgd", "ste", "psgd", "slb")
 
 
@@ -513,7 +514,7 @@ class LowBitConfig:
 
     @property
     def name(self) -> str:
-        """``W2A4G8``-style: weight, activation and gradient bits (32: full precision)."""
+        """A ``W2A4G8``-style name — weight, activation and gradient bits (32 = full precision)."""
         w = 32 if self.weights == "fp" else self.weight_bits
         g = self.grad_bits if self.grad_quantizer else 32
         return f"W{w}A{self.act_bits or 32}G{g}"

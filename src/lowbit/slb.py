@@ -54,7 +54,7 @@ STATES = ("auto", "continuous", "discrete")
 MAX_BITS = 8
 
 
-#: The value sets an SLB layer can search: ``"even"``, the paper's 2^b values evenly spaced in
+#: The value sets an SLB layer can search — ``"even"``, the paper's 2^b values evenly spaced in
 #: [−1, 1] (no zero at any bit-width); ``"zero"``, the 2^b − 1 values of the symmetric grid,
 #: k/(2^(b−1) − 1), which hold zero (a control for the paper's choice; 2 bits or more).
 VALUE_SETS = ("even", "zero")
@@ -338,7 +338,7 @@ def model_gap(model: nn.Module) -> float:
 class ArgmaxTracker:
     """Follows every SLB weight's argmax through training (a reviewer's "is the commitment
     reversible?"). Call it after each optimizer step (``fit``'s ``on_step``); every
-    ``every`` steps it records, in :attr:`log`:
+    ``every`` steps it records, in ``log``:
 
     - ``tau``: the temperature;
     - ``flips``: the fraction of weights whose argmax changed since the last record;
@@ -438,7 +438,7 @@ class TemperatureSchedule:
 
 
 class Annealer:
-    """Steps a model's temperature along a schedule: call :meth:`step` once per epoch or
+    """Steps a model's temperature along a schedule: call ``step()`` once per epoch or
     once per iteration, ``total`` times in all (``fit``'s ``on_epoch``/``on_step`` hooks)."""
 
     def __init__(self, model: nn.Module, schedule: TemperatureSchedule, total: int) -> None:
@@ -472,7 +472,7 @@ def logit_margins(layer: _SLBWeight) -> torch.Tensor:
 @torch.no_grad()
 def gap_bound(model: nn.Module, tau: float | None = None) -> float:
     """An upper bound on :func:`model_gap` from the logit margins alone (the SLB reference
-    page): a weight's gap |W̃ − Ŵ| = α·|Σ_i p_i (v_i − v_k)| ≤ α·2·(1 − p_k) and
+    page): a weight's gap ``|W̃ − Ŵ| = α·|Σ_i p_i (v_i − v_k)|`` ≤ α·2·(1 − p_k) and
     1 − p_k ≤ (2^b − 1)·exp(−m/τ), so ‖W̃ − Ŵ‖ ≤ ‖2α(2^b − 1)·exp(−m/τ)‖. At the layers'
     temperature unless ``tau`` is given."""
     num, den = 0.0, 0.0

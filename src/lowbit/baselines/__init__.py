@@ -1,12 +1,12 @@
 """Baselines the reviewers named, each against the method it challenges (Part I's
 "Against stronger baselines" pages, and Part II's "Latent weights"):
 
-- :mod:`.lsq` — LSQ, learned step size QAT (Esser et al. 2020);
-- :mod:`.clipping` — ACIQ, analytical clipping with bias correction (Banner et al. 2019);
-- :mod:`.floats` — AdaptivFloat, a float format with a per-layer exponent bias
+- ``lsq`` — LSQ, learned step size QAT (Esser et al. 2020);
+- ``clipping`` — ACIQ, analytical clipping with bias correction (Banner et al. 2019);
+- ``floats`` — AdaptivFloat, a float format with a per-layer exponent bias
   (Tambe et al. 2020);
-- :mod:`.pruning` — gradual magnitude pruning (Zhu & Gupta 2017) and SNIP (Lee et al. 2019);
-- :mod:`.latent` — Bop (Helwegen et al. 2019) and a quantization loss, at 1 bit (Part II).
+- ``pruning`` — gradual magnitude pruning (Zhu & Gupta 2017) and SNIP (Lee et al. 2019);
+- ``latent`` — Bop (Helwegen et al. 2019) and a quantization loss, at 1 bit (Part II).
 """
 from .clipping import aciq_quantize, bias_correct, laplace_clip
 from .latent import Bop, binary_weights, quantization_loss

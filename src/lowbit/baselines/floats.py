@@ -19,7 +19,7 @@ __all__ = ["adaptivfloat_values", "quantize_adaptivfloat"]
 
 def adaptivfloat_values(max_abs: float, bits: int, exp_bits: int) -> torch.Tensor:
     """The non-negative values of the b-bit AdaptivFloat format for a layer whose largest
-    |w| is ``max_abs``, sorted (0 first; 2^(b−1) values in all)."""
+    ``|w|`` is ``max_abs``, sorted (0 first; 2^(b−1) values in all)."""
     bits = check_bits(bits, 2, 16)
     exp_bits = check_bits(exp_bits, 1, bits - 1, "exp_bits")
     m = bits - 1 - exp_bits

@@ -33,7 +33,7 @@ __all__ = ["Bop", "binary_weights", "quantization_loss"]
 
 @torch.no_grad()
 def binary_weights(model: nn.Module) -> list[torch.Tensor]:
-    """Set every conv and linear weight of ``model`` to α·sign(w) (α = its mean |w|, sign(0)
+    """Set every conv and linear weight of ``model`` to α·sign(w) (α = its mean ``|w|``, sign(0)
     taken as +1), in place, and return the weights: the parameters :class:`Bop` flips."""
     weights = []
     for _, m in quantizable_layers(model):
@@ -45,7 +45,7 @@ def binary_weights(model: nn.Module) -> list[torch.Tensor]:
 class Bop(torch.optim.Optimizer):
     """Bop for weights that are ±α: flip a weight where the moving average of its gradient
     exceeds ``threshold`` and has the weight's sign (a step would push it through zero).
-    :attr:`flips` counts the flips of the last step."""
+    ``flips`` counts the flips of the last step."""
 
     def __init__(self, params: Iterable, gamma: float = 1e-3, threshold: float = 1e-6) -> None:
         if not 0 < gamma <= 1:

@@ -114,7 +114,7 @@ class GradualPruner:
 def snip_masks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sparsity: float,
                loss_fn=nn.functional.cross_entropy) -> dict[str, torch.Tensor]:
     """SNIP's masks for ``model`` at its initialisation: the connection sensitivities
-    |g ⊙ w| on the batch ``(x, y)``, ranked over all conv/linear weights together; the top
+    ``|g ⊙ w|`` on the batch ``(x, y)``, ranked over all conv/linear weights together; the top
     (1 − sparsity) of them are kept. The model is left as it was (its gradients cleared)."""
     sparsity = check_sparsity(sparsity)
     check_tensor(x, "x")

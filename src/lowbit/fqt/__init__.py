@@ -22,9 +22,9 @@ tensor, a bit-width and an optional ``torch.Generator``, returning the dequantiz
   with small rows (the official rule), scaled and reflected so that its range is spread
   over its group, then quantized per row and transformed back (:func:`bhq_transform`).
 
-The parts, each a module: :mod:`.quantizers` (grids, rounding, the three quantizers),
-:mod:`.kernel` (the compiled CPU loop), :mod:`.layers` (the QAT/FQT layers),
-:mod:`.measure` (codes, bounds, gradient bias and variance), :mod:`.shadow_free` (training
+The parts, each a module: ``quantizers`` (grids, rounding, the three quantizers),
+``kernel`` (the compiled CPU loop), ``layers`` (the QAT/FQT layers),
+``measure`` (codes, bounds, gradient bias and variance), ``shadow_free`` (training
 with the weights stored on a grid, no full-precision copy).
 """
 from .quantizers import (FORWARD_BITS, GRAD_BITS, PT_VARIANTS, QUANTIZERS, BHQPlan,

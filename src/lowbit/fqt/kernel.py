@@ -5,7 +5,7 @@ On a CPU, stochastic rounding costs about ten passes over the gradient as torch 
 (subtract, scale, add the dither, floor, clamp, scale, add, for each copy) and fresh
 memory for each temporary costs about as much as the arithmetic. :func:`sr_loop` does the
 same float32 operations in the same order in one pass, so its numbers are bit for bit
-those of :func:`lowbit.fqt.quantizers.quantize_copies` from the same draw.
+those of :func:`~lowbit.fqt.quantize_copies` from the same draw.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def can_compile(x: torch.Tensor, copies: tuple[tuple[int, str], ...]) -> bool:
 def quantize_copies_compiled(x: torch.Tensor, copies: tuple[tuple[int, str], ...],
                              generator: torch.Generator | None, work: Workspace
                              ) -> list[torch.Tensor]:
-    """What :func:`lowbit.fqt.quantizers.quantize_copies` computes for one or two copies
+    """What :func:`~lowbit.fqt.quantize_copies` computes for one or two copies
     (not BHQ), the same numbers from the same draw, in one pass and the workspace's memory
     (valid until its next use)."""
     n, d = x.shape

@@ -75,8 +75,9 @@ class _FQTLayer:
     """Shared settings of the QAT/FQT layers, kept in the state dict (the generator is not:
     set it again with :func:`configure`)."""
 
-    #: QAT's forward quantization (8 bits), or None: the input and weight are used as they
-    #: come (:class:`QuantizedBackward`: the wrapped layer and ActQuant quantize them).
+    #: The bits of QAT's forward quantization (8), or None, where the input and weight are
+    #: used as they come (in :class:`QuantizedBackward` the wrapped layer and ActQuant
+    #: quantize them).
     forward_bits: int | None = FORWARD_BITS
 
     def _set_fqt(self, mode: str, quantizer: str, grad_bits: int) -> None:

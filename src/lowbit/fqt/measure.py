@@ -76,7 +76,7 @@ def _training_pass(model: nn.Module) -> Iterator[nn.Module]:
 def output_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor
                      ) -> dict[str, torch.Tensor]:
     """The output gradient ∇H of every FQT layer for the cross-entropy on (x, y), in QAT
-    mode (full precision) with BatchNorm in training mode (:func:`_training_pass`): the
+    mode (full precision) with BatchNorm in training mode (``_training_pass``): the
     tensors FQT quantizes during training."""
     grads: dict[str, torch.Tensor] = {}
     hooks = [m.register_full_backward_hook(
@@ -97,7 +97,7 @@ def output_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor
 
 def layer_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """The gradient of the cross-entropy on (x, y) for each FQT layer's weight, with
-    BatchNorm in training mode as during training (:func:`_training_pass`)."""
+    BatchNorm in training mode as during training (``_training_pass``)."""
     with _training_pass(model):
         model.zero_grad(set_to_none=True)
         loss_and_correct(model(x), y)[0].backward()

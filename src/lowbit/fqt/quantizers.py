@@ -43,11 +43,12 @@ _SCOPE = {"pt": "tensor", "pt_minmax": "tensor_minmax", "psq": "row", "bhq": "ro
 
 # ----------------------------------------------------------------------------- checks
 def check_grad_bits(bits: object) -> int:
-    """``bits`` as an int from :data:`GRAD_BITS`, or a ValueError that names it."""
+    """``bits`` as an int from ``GRAD_BITS``, or a ValueError that names it."""
     return check_bits(bits, *GRAD_BITS, "gradient bits")
 
 
 def check_quantizer(quantizer: object) -> str:
+    """``quantizer`` if it is one of the known names, or a ValueError that names it."""
     if isinstance(quantizer, str) and quantizer.lower().startswith("ptq"):
         raise ValueError(f"quantizer {quantizer!r}: the FQT paper's per-tensor quantizer (PTQ) is "
                          f"called 'pt' here (PTQ means post-training quantization in this book); "
@@ -166,7 +167,7 @@ def householder(size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def householder_max(size: int) -> float:
-    """max |H| of :func:`householder` (``size``): the official code's ``Qmax``, how much a
+    """``max|H|`` of :func:`householder` (``size``): the official code's ``Qmax``, how much a
     small row can grow when the reflection mixes the leader into it."""
     return float(householder(size, torch.float64).abs().max())
 
@@ -197,7 +198,7 @@ def _official_leaders(values: np.ndarray) -> int:
 
 def bhq_plan(x: torch.Tensor, n_groups: int | None = None) -> BHQPlan:
     """Everything BHQ needs to transform the rows of ``x`` (see :func:`bhq_transform`).
-    ``n_groups`` leaders; None: the official rule (:func:`_official_leaders`)."""
+    ``n_groups`` leaders; None: the official rule (``_official_leaders``)."""
     n = x.shape[0]
     lo, hi = x.amin(1), x.amax(1)
     _check_finite(x, lo, hi, "gradient")

@@ -27,7 +27,7 @@ __all__ = ["GridSGD", "on_grid"]
 
 
 def on_grid(w: torch.Tensor, delta: float, bits: int) -> bool:
-    """Whether every element of ``w`` is an integer multiple k·Δ with |k| ≤ 2^(b−1) − 1
+    """Whether every element of ``w`` is an integer multiple k·Δ with ``|k| ≤ 2^(b−1) − 1``
     (to float precision): what a b-bit code and one step can hold, and nothing more."""
     k = w.detach().double() / delta
     return bool(((k - k.round()).abs() <= 1e-4).all() and (k.round().abs() <= signed_levels(bits)).all())
