@@ -212,3 +212,16 @@ def test_book_renderer_embeds_no_plotly_js_and_stores_single_precision(capsys):
     html = renderer.to_mimebundle(go.Figure(go.Scatter(x=x, y=x ** 2)).to_dict())["text/html"]
     assert "Plotly.newPlot" in html and "plotly.js v" not in html and len(html) < 25_000
     assert '"dtype":"f4"' in html.replace(" ", "") and '"f8"' not in html
+
+
+def test_every_notebook_says_how_to_install_lowbit_when_it_is_missing():
+    """A notebook downloaded from the book starts with an import check that names the fix."""
+    import json
+    for path in sorted((ROOT / "book").glob("*/*.ipynb")):
+        first = next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+        source = "".join(first["source"])
+        check = source.split("\n\n")[0]
+        assert check.startswith("try:\n    import lowbit"), path
+        # -S: no site-packages, so lowbit (and everything else) is missing, as in a bare Python
+        run = subprocess.run([sys.executable, "-S", "-c", check], capture_output=True, text=True)
+        assert run.returncode != 0 and "pip install -r requirements.txt -e ." in run.stderr, path
