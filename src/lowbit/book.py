@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,8 @@ import torch
 from .plots import use_notebook_renderer
 from .train import get_device, seed_everything
 
-__all__ = ["setup", "seeds", "claim", "Difference", "difference", "log_error", "show_source", "FULL",
+__all__ = ["setup", "seeds", "claim", "Difference", "difference", "log_error", "show_source",
+           "api_name", "API_MODULES", "FULL",
            "SEED_OFFSET", "THREADS"]
 
 #: ``LOWBIT_FULL=1`` in the environment runs the chapters at full size (for a GPU);
@@ -177,8 +179,35 @@ def log_error(accuracy) -> np.ndarray:
     return np.log(100.0 - acc)
 
 
+#: The modules the book's API reference documents (book/api.md), each with its ``__all__``.
+API_MODULES = ("lowbit.quant", "lowbit.psgd", "lowbit.slb", "lowbit.fqt", "lowbit.baselines",
+               "lowbit.optim", "lowbit.models", "lowbit.data", "lowbit.train", "lowbit.recipes",
+               "lowbit.cache", "lowbit.landscape", "lowbit.plots", "lowbit.book", "lowbit.bench",
+               "lowbit.course")
+
+
+def api_name(obj: object) -> str | None:
+    """The name under which the API reference documents ``obj`` (a function, class or
+    method of ``lowbit``): its module, or the package that exports it (``lowbit.fqt`` for
+    ``lowbit.fqt.quantizers.grid``), then its qualified name; None if it is not public."""
+    module, qualname = getattr(obj, "__module__", "") or "", getattr(obj, "__qualname__", "")
+    while "." in qualname and qualname.rsplit(".", 1)[1].startswith("_"):
+        qualname = qualname.rsplit(".", 1)[0]  # __call__, _helper: the class's entry
+    parts = module.split(".")
+    for i in range(len(parts), 1, -1):
+        candidate = ".".join(parts[:i])
+        exported = getattr(sys.modules.get(candidate), "__all__", ())
+        if candidate in API_MODULES and qualname.split(".")[0] in exported:
+            return f"{candidate}.{qualname}"
+    return None
+
+
 def show_source(*objs) -> "object":
-    """Display the source of functions or classes from ``lowbit`` as a code block."""
+    """Display the source of functions or classes from ``lowbit`` as a code block, with a
+    link to each one's entry in the book's API reference."""
     from IPython.display import Markdown
     blocks = [inspect.getsource(o).rstrip() for o in objs]
-    return Markdown("```python\n" + "\n\n\n".join(blocks) + "\n```")
+    names = [n for n in map(api_name, objs) if n]
+    links = ", ".join(f"[`{n}`](../api.html#{n})" for n in names)
+    return Markdown("```python\n" + "\n\n\n".join(blocks) + "\n```"
+                    + (f"\n\nIn the API reference: {links}." if links else ""))
