@@ -184,9 +184,9 @@ def drop_duplicate_scripts(app: Sphinx, pagename: str, templatename: str, contex
 
 def setup(app: Sphinx) -> dict:
     app.connect("config-inited", configure, priority=100)
-    # last, after the themes have added their scripts
     app.connect("html-page-context", add_plotly)
-    app.connect("build-finished", drop_source_maps)
+    # last, after the themes have added their scripts
     app.connect("html-page-context", drop_duplicate_scripts, priority=900)
+    app.connect("build-finished", drop_source_maps)
     app.add_js_file(None, body=MATHJAX_HUB_SHIM, priority=100)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

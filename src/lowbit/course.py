@@ -57,21 +57,21 @@ def release(out: Path, root: Path = ROOT, run_tests: bool = False) -> dict[str, 
     made = {}
     for part, master in lab_paths(root).items():
         with tempfile.TemporaryDirectory(dir=out) as tmp:
+            new = Path(tmp, part)
             cmd = _otter() + ["assign", "--no-pdfs"]
             if not run_tests:
                 cmd.append("--no-run-tests")
-            run = subprocess.run(cmd + [str(master), tmp], capture_output=True, text=True)
+            run = subprocess.run(cmd + [str(master), str(new)], capture_output=True, text=True)
             if run.returncode != 0:
                 raise RuntimeError(f"otter assign failed on {master}:\n{run.stdout}\n{run.stderr}")
-            zips = sorted(Path(tmp, "autograder").glob("*.zip"))
+            zips = sorted((new / "autograder").glob("*.zip"))
             if len(zips) != 1:
                 raise RuntimeError(f"otter assign wrote {len(zips)} autograder zips for {master}")
-            zips[0].rename(Path(tmp, "autograder", "autograder.zip"))
+            zips[0].rename(new / "autograder" / "autograder.zip")
             dest = out / part
             if dest.exists():
                 shutil.rmtree(dest)
-            shutil.move(tmp, dest)
-            Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
+            new.rename(dest)
         made[part] = dest
     (out / "README.md").write_text(_README)
     return made

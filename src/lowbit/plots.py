@@ -17,8 +17,8 @@ import torch
 from plotly.io._base_renderers import NotebookRenderer
 
 __all__ = ["BookRenderer", "use_notebook_renderer", "stepped_figure", "line_figure", "grid_lines",
-           "histogram_with_grid", "value_histograms", "quantizer_staircase", "history_figure", "contour_with_paths",
-           "COLORS"]
+           "histogram_with_grid", "value_histograms", "quantizer_staircase", "history_figure",
+           "contour_with_paths", "COLORS"]
 
 #: Line colours in order of use — the Okabe–Ito palette, told apart by readers with the common
 #: forms of colour blindness (blue, vermillion, bluish green, reddish purple, orange, sky
@@ -40,8 +40,8 @@ class BookRenderer(NotebookRenderer):
     def to_mimebundle(self, fig_dict: dict) -> dict:
         from plotly.io import to_html
         return {"text/html": to_html(
-            _single_precision(fig_dict), config=self.config, auto_play=self.auto_play, include_plotlyjs=False,
-            include_mathjax=False, full_html=False, animation_opts=self.animation_opts,
+            _single_precision(fig_dict), config=self.config, auto_play=self.auto_play,
+            include_plotlyjs=False, include_mathjax=False, full_html=False, animation_opts=self.animation_opts,
             default_width="100%", default_height=525, validate=False)}
 
 
@@ -55,14 +55,14 @@ def _single_precision(obj):
         return {k: _single_precision(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_single_precision(v) for v in obj)
-    if isinstance(obj, np.ndarray) and obj.dtype == np.float64:
+    if isinstance(obj, np.ndarray) and obj.dtype == np.float64:  # plotly 5 keeps arrays as such
         return obj.astype(np.float32)
     return obj
 
 
 def use_notebook_renderer() -> None:
-    """Render figures as plotly JSON (for JupyterLab) plus self-contained HTML (for the
-    classic notebook and the built book), with no CDN."""
+    """Render figures as plotly JSON (drawn by JupyterLab and Notebook 7) plus HTML that calls
+    the page's plotly.js (the built book serves one copy for the site), with no CDN."""
     pio.renderers["lowbit"] = BookRenderer()
     pio.renderers.default = "plotly_mimetype+lowbit"
     pio.templates.default = "plotly_white"
