@@ -156,6 +156,9 @@ def test_value_histograms_count_every_entry_on_shared_bins():
         assert len(t.x) == 21 and sum(t.y) == g.numel()
     assert list(traces[0].x) == list(traces[1].x)
     assert traces[0].y[-1] >= 1
+    g[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite in: full precision \\(1 of 3200\\)"):
+        plots.value_histograms(g, {"PT": g.round()}, bins=21)
 
 
 def test_execution_patch_repolls_a_socket_whose_wakeup_was_lost():

@@ -25,3 +25,8 @@ def test_release_and_autograders_work_both_ways(tmp_path):
 def test_missing_lab_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="basics/lab.ipynb"):
         course.lab_paths(tmp_path)
+
+
+def test_grading_a_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="autograder.zip"):
+        course.grade(tmp_path / "autograder.zip", tmp_path / "lab.ipynb")

@@ -97,6 +97,10 @@ def grade(autograder: Path, notebook: Path, strict: bool = True) -> dict[str, tu
     """Grade ``notebook`` with ``otter run``: ``{question: (score, max_score)}``.
 
     ``strict``: a cell that raises (other than in a test) fails the grading."""
+    missing = [str(p) for p in (Path(autograder), Path(notebook)) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot grade: no such file {', '.join(missing)} "
+                                "(make the release with python -m lowbit.course)")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = _otter() + ["run", "--no-logo", "-a", str(autograder), "-o", tmp]
         if strict:

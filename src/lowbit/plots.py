@@ -150,6 +150,11 @@ def value_histograms(reference, others: Mapping[str, object], bins: int = 81,
     (values outside are counted in the two end bins, so nothing is hidden); counts per bin.
     For comparing a tensor with its quantized versions."""
     ref = _np(reference).ravel().astype(np.float64)
+    arrays = [(reference_name, ref)] + [(name, _np(x).ravel()) for name, x in others.items()]
+    bad = [f"{name} ({int((~np.isfinite(x)).sum())} of {x.size})" for name, x in arrays
+           if not np.isfinite(x).all()]
+    if bad:
+        raise ValueError(f"value_histograms needs finite values; non-finite in: {', '.join(bad)}")
     tail = (1.0 - coverage) / 2
     lo, hi = np.quantile(ref, [tail, 1.0 - tail])
     if not hi > lo:
@@ -157,8 +162,8 @@ def value_histograms(reference, others: Mapping[str, object], bins: int = 81,
     edges = np.linspace(lo, hi, bins + 1)
     centers = (edges[:-1] + edges[1:]) / 2
     traces = []
-    for i, (name, x) in enumerate([(reference_name, ref), *others.items()]):
-        counts, _ = np.histogram(np.clip(_np(x).ravel(), lo, hi), bins=edges)
+    for i, (name, x) in enumerate(arrays):
+        counts, _ = np.histogram(np.clip(x, lo, hi), bins=edges)
         style = dict(fill="tozeroy", line=dict(color="#999", shape="hvh")) if i == 0 else \
             dict(line=dict(color=COLORS[(i - 1) % len(COLORS)], shape="hvh", width=1.5))
         traces.append(go.Scatter(x=centers, y=counts, name=name, mode="lines", **style))
