@@ -228,3 +228,15 @@ def test_every_notebook_says_how_to_install_lowbit_when_it_is_missing():
         # -S: no site-packages, so lowbit (and everything else) is missing, as in a bare Python
         run = subprocess.run([sys.executable, "-S", "-c", check], capture_output=True, text=True)
         assert run.returncode != 0 and "pip install -r requirements.txt -e ." in run.stderr, path
+        assert "lowbit-course.zip" in run.stderr and "lowbit-0.1.0-py3-none-any.whl" in run.stderr
+
+
+def test_notebooks_are_committed_without_outputs():
+    """The notebooks are sources: outputs come from the build (and a JupyterLab session over
+    book/, bash .ci/lab, must be cleared before a commit)."""
+    import json
+    for path in sorted((ROOT / "book").glob("*/*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            if cell["cell_type"] == "code":
+                assert not cell["outputs"] and cell["execution_count"] is None, \
+                    f"{path.relative_to(ROOT)}: cell {i} has outputs (clear them before a commit)"

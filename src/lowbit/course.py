@@ -10,18 +10,26 @@ which otter grades with ``otter run -a autograder.zip lab.ipynb`` or on Gradesco
 ``python -m lowbit.course --check [OUT]`` also grades each solution notebook (every test
 must pass) and each unanswered student notebook (every coding question must score zero,
 with no other error on the way).
+
+The book's downloads come from here too: :func:`wheel` builds the ``lowbit`` wheel and
+:func:`bundle` packs every notebook of the book with that wheel, the pinned requirements the
+notebooks need (JupyterLab included) and a short README into ``lowbit-course.zip``
+(``python -m lowbit.course --bundle OUT``; the book build calls it, ``book/_ext/downloads.py``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
-__all__ = ["LABS", "lab_paths", "release", "grade", "check"]
+__all__ = ["LABS", "lab_paths", "release", "grade", "check", "NOTEBOOK_REQUIREMENTS",
+           "notebook_requirements", "wheel", "bundle"]
 
 #: The parts with a lab, in the book's order.
 LABS = ("basics", "psgd", "slb", "fqt", "compare")
@@ -132,13 +140,130 @@ def check(out: Path) -> dict[str, dict[str, dict[str, tuple[float, float]]]]:
     return report
 
 
+#: What a downloaded notebook needs besides ``lowbit``, with the pins of ``requirements.txt``:
+#: the package's own dependencies, pandas and ipywidgets (the notebooks import them), and
+#: JupyterLab with the widget and plotly extensions to run them in. The book's build
+#: and test tools (jupyter-book, nbval, otter-grader, playwright, pytest) are left out.
+NOTEBOOK_REQUIREMENTS = ("torch", "numpy", "numba", "pandas", "ipywidgets", "plotly",
+                         "loss-landscapes", "mlxtend", "scikit-learn", "mnist1d", "tqdm", "pyyaml",
+                         "ipykernel", "jupyterlab", "jupyterlab-widgets")
+
+BUNDLE = "lowbit-course"
+
+
+def notebook_requirements(root: Path = ROOT) -> str:
+    """The lines of ``root/requirements.txt`` that :data:`NOTEBOOK_REQUIREMENTS` names, in
+    that file's order, under a header (an error names any requirement the file lacks)."""
+    lines, found = [], set()
+    for line in Path(root, "requirements.txt").read_text().splitlines():
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line)
+        name = m and re.sub(r"[._-]+", "-", m.group(1).lower())
+        if name in NOTEBOOK_REQUIREMENTS:
+            lines.append(line.strip())
+            found.add(name)
+    missing = [n for n in NOTEBOOK_REQUIREMENTS if n not in found]
+    if missing:
+        raise ValueError(f"requirements.txt has no line for {', '.join(missing)} "
+                         "(lowbit.course.NOTEBOOK_REQUIREMENTS names them)")
+    return ("# What the book's notebooks need besides lowbit (install the wheel beside this\n"
+            "# file too), pinned as in the book's own requirements.txt.\n" + "\n".join(lines) + "\n")
+
+
+def wheel(out: Path, root: Path = ROOT) -> Path:
+    """Build the ``lowbit`` wheel into ``out`` (pip, with the build backend that
+    ``pyproject.toml`` names) from a copy of the sources, so the checkout gains no build
+    folders; return its path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "src")
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(Path(root, name), Path(tmp, name))
+        shutil.copytree(Path(root, "src", "lowbit"), src / "lowbit",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        built = Path(tmp, "wheel")
+        run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+                              "-w", str(built), tmp], capture_output=True, text=True)
+        wheels = sorted(built.glob("lowbit-*.whl")) if run.returncode == 0 else []
+        if len(wheels) != 1:
+            raise RuntimeError(f"building the lowbit wheel failed:\n{run.stdout[-3000:]}\n"
+                               f"{run.stderr[-3000:]}")
+        dest = out / wheels[0].name
+        shutil.copy(wheels[0], dest)
+    return dest
+
+
+def _zip_write(z: zipfile.ZipFile, name: str, data: bytes) -> None:
+    """One member with a fixed time stamp, so the same files give the same zip."""
+    info = zipfile.ZipInfo(name, date_time=(2020, 12, 6, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    z.writestr(info, data)
+
+
+def bundle(out: Path, root: Path = ROOT) -> dict[str, Path]:
+    """Write the ``lowbit`` wheel and ``lowbit-course.zip`` into ``out``: every notebook of
+    ``root/book`` (by part, as committed: no outputs), the wheel, the notebooks'
+    requirements (:func:`notebook_requirements`) and a README that says how to run them.
+    Returns ``{"wheel": path, "bundle": path}``; the zip is replaced only once complete."""
+    out = Path(out)
+    notebooks = sorted(Path(root, "book").glob("*/*.ipynb"))
+    if not notebooks:
+        raise FileNotFoundError(f"no notebooks under {Path(root, 'book')}")
+    requirements = notebook_requirements(root)
+    whl = wheel(out, root)
+    dest = out / f"{BUNDLE}.zip"
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with zipfile.ZipFile(tmp, "w") as z:
+        _zip_write(z, f"{BUNDLE}/README.md",
+                   _BUNDLE_README.format(n=len(notebooks), wheel=whl.name).encode())
+        _zip_write(z, f"{BUNDLE}/requirements.txt", requirements.encode())
+        _zip_write(z, f"{BUNDLE}/{whl.name}", whl.read_bytes())
+        for nb in notebooks:
+            _zip_write(z, f"{BUNDLE}/{nb.relative_to(root).as_posix()}", nb.read_bytes())
+    tmp.replace(dest)
+    return {"wheel": whl, "bundle": dest}
+
+
+_BUNDLE_README = """# Training low-bit neural networks: the notebooks
+
+Every notebook of the book ({n} of them, one folder per part in `book/`), the `lowbit`
+package they import (`{wheel}`) and the packages they need, pinned
+(`requirements.txt`). With Python 3.10 to 3.13, in this folder:
+
+    python3 -m venv .venv
+    .venv/bin/pip install -r requirements.txt {wheel}
+    .venv/bin/jupyter lab book
+
+(On Windows: `.venv\\Scripts\\pip` and `.venv\\Scripts\\jupyter`.) JupyterLab opens with the
+widgets and the plotly figures working; the book's MyST markup (cross-references, notes,
+exercises) shows as plain text there, as the published book renders it. Run a notebook top
+to bottom (Run > Run All Cells): each runs in about a minute on 2 CPU cores. Trained models and
+prepared data are cached in `~/.cache/lowbit` (set `LOWBIT_DATA` to put them elsewhere).
+
+On Linux, pip installs torch's CUDA build (about 5 GB with its NVIDIA libraries; it runs on
+the CPU too). For the CPU build alone (about 1 GB), install torch first from PyTorch's CPU
+wheel index: `.venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`.
+
+The labs (`book/<part>/lab.ipynb`) hold their solutions; a course hands out the student
+versions that `python -m lowbit.course` writes from a checkout of the book's repository.
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lowbit.course", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", nargs="?", default=str(ROOT / "_build" / "course"),
                         help="where to write the release (default: _build/course)")
     parser.add_argument("--check", action="store_true",
                         help="also grade each solution and each unanswered student notebook")
+    parser.add_argument("--bundle", action="store_true",
+                        help="write the lowbit wheel and lowbit-course.zip (every notebook) "
+                             "into OUT instead")
     args = parser.parse_args(argv)
+    if args.bundle:
+        for kind, path in bundle(Path(args.out)).items():
+            print(f"{kind}: {path}")
+        return
     made = release(Path(args.out))
     for part, folder in made.items():
         print(f"{part}: {folder / 'student' / 'lab.ipynb'} and {folder / 'autograder' / 'autograder.zip'}")
