@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -126,6 +128,73 @@ def test_site_is_light():
     assert (HTML / "vendor" / "plotly.min.js").exists(), "plotly.js is not served by the book"
 
 
+def figures(page: str) -> list[tuple[list, dict]]:
+    """Every plotly figure of a built page as ``(traces, layout)``: those in the page's HTML
+    and those inside its widgets' saved state (the live widgets' last output)."""
+    html = (HTML / page).read_text()
+    sources = [html]
+    soup = BeautifulSoup(html, "html.parser")
+    for tag in soup.select('script[type="application/vnd.jupyter.widget-state+json"]'):
+        stack = [json.loads(tag.string or "{}")]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+            elif isinstance(item, str) and "Plotly.newPlot" in item:
+                sources.append(item)
+    decoder, out = json.JSONDecoder(), []
+    for text in sources:
+        for m in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*', text):
+            traces, end = decoder.raw_decode(text, m.end())
+            end = text.index(",", end) + 1
+            while text[end].isspace():
+                end += 1
+            out.append((traces, decoder.raw_decode(text, end)[0]))
+    return out
+
+
+def _text(title) -> str:
+    return (title.get("text") if isinstance(title, dict) else title) or ""
+
+
+FIGURE_PAGES = [p for p in PAGES if "Plotly.newPlot" in (HTML / p).read_text()]
+
+
+@pytest.mark.parametrize("page", FIGURE_PAGES)
+def test_every_figure_has_a_title_and_axis_titles(page):
+    """Accessible figures: each says what it shows, and what each axis measures."""
+    found = figures(page)
+    assert found, f"{page}: no figure found"
+    for traces, layout in found:
+        title = _text(layout.get("title"))
+        assert title, f"{page}: a figure without a title ({[t.get('name') for t in traces][:4]})"
+        if "scene" in layout or all(t.get("type") in ("surface", "contour") for t in traces) \
+                and "xaxis" not in layout:
+            continue
+        for axis in ("xaxis", "yaxis"):
+            assert _text(layout.get(axis, {}).get("title")), f"{page}: {title!r} has no {axis} title"
+
+
+@pytest.mark.parametrize("page", FIGURE_PAGES)
+def test_each_method_has_one_colour_on_every_page(page):
+    """A trace named after a method (lowbit.plots.method_of) is drawn in that method's colour
+    (lowbit.plots.METHOD_COLORS), the same in every part."""
+    from lowbit import plots
+    for traces, layout in figures(page):
+        for t in traces:
+            method = plots.method_of(t.get("name"))
+            if method is None:
+                continue
+            color = (t.get("line") or {}).get("color") or (t.get("marker") or {}).get("color")
+            expected = plots.METHOD_COLORS[method]
+            colors = set(color) if isinstance(color, list) else {color}
+            assert colors == {expected}, \
+                f"{page}: {_text(layout.get('title'))!r}: {t.get('name')!r} is drawn in {color}, " \
+                f"not {method}'s {expected}"
+
+
 SLIDER_PAGES = [p for p in PAGES if '"sliders"' in (HTML / p).read_text()]
 # Moves the last slider step of every figure that has a slider, the way a reader does:
 # plotly's own slider API (the step's method and args, as a click on the rail runs them).
@@ -186,3 +255,18 @@ def test_api_page_lists_every_public_name():
                 'a[href*="api.html#"]'):
             target = a["href"].split("#", 1)[1]
             assert target in documented, f"{page_path}: API link to {target} has no entry"
+
+
+def test_intro_links_its_downloads():
+    """The wheel and the notebooks' bundle are linked from the intro and served by the site;
+    so is the PDF, when the book was built with it (bash .ci/book; the tests skip it)."""
+    intro = HTML / "book" / "intro.html"
+    links = [a.get("href", "") for a in BeautifulSoup(intro.read_text(), "html.parser").select("a")]
+    for name in ("lowbit-course.zip", "lowbit-0.1.0-py3-none-any.whl"):
+        found = [h for h in links if h.endswith(name)]
+        assert found, f"the intro does not link {name}"
+        assert all((intro.parent / h).resolve().is_file() for h in found), f"{name}: {found}"
+    pdf = [h for h in links if h.endswith("lowbit-book.pdf")]
+    assert pdf, "the intro does not link the PDF"
+    if (HTML / "lowbit-book.pdf").exists():
+        assert all((intro.parent / h).resolve() == (HTML / "lowbit-book.pdf").resolve() for h in pdf)

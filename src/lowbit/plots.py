@@ -8,6 +8,7 @@ in Jupyter and in the built book.
 from __future__ import annotations
 
 import base64
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -18,13 +19,54 @@ from plotly.io._base_renderers import NotebookRenderer
 
 __all__ = ["BookRenderer", "use_notebook_renderer", "stepped_figure", "line_figure", "grid_lines",
            "histogram_with_grid", "value_histograms", "quantizer_staircase", "history_figure",
-           "contour_with_paths", "COLORS"]
+           "contour_with_paths", "COLORS", "METHOD_COLORS", "DASHES", "PATTERNS", "method_of", "styles"]
 
 #: Line colours in order of use — the Okabe–Ito palette, told apart by readers with the common
 #: forms of colour blindness (blue, vermillion, bluish green, reddish purple, orange, sky
 #: blue, black, yellow last since it is faint on white), then two greys.
 COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
           "#F0E442", "#7f7f7f", "#bbbbbb"]
+
+#: The colour of each method, the same on every page (a trace whose name starts with a
+#: method's name, :func:`method_of`, is drawn in it). Part III's quantizers and the baselines
+#: each get one of the palette's colours; full precision is grey, a reference.
+METHOD_COLORS = {"full precision": "#7f7f7f", "PSGD": "#0072B2", "SLB": "#009E73",
+                 "SGD": "#D55E00", "STE": "#CC79A7", "QAT": "#CC79A7", "BHQ": "#000000",
+                 "PSQ": "#56B4E9", "PT": "#E69F00"}
+_METHOD_RE = re.compile(r"\s*(%s)\b" % "|".join(map(re.escape, METHOD_COLORS)))
+#: Line dashes and bar patterns that tell apart several traces of one method in one figure.
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+PATTERNS = ("", "/", ".", "x", "\\", "+")
+
+
+def method_of(name: str | None) -> str | None:
+    """The method a trace's name starts with (a key of :data:`METHOD_COLORS`), or None:
+    ``"PSGD + PTQ"`` → PSGD, ``"STE-QAT W4"`` → STE, ``"PT 8-bit"`` → PT, ``"PTQ"`` → None."""
+    m = _METHOD_RE.match(name or "")
+    return m.group(1) if m else None
+
+
+def styles(names: Sequence[str | None], bars: bool = False) -> list[dict]:
+    """Line (or, with ``bars``, marker) styles for traces drawn together: each method's
+    colour (:data:`METHOD_COLORS`), a second or later trace of the same method told apart by
+    its dash (bars: its fill pattern), and the other names in the palette's colours that
+    no method in the figure uses."""
+    methods = [method_of(n) for n in names]
+    taken = {METHOD_COLORS[m] for m in methods if m}
+    free = [c for c in COLORS if c not in taken] or COLORS
+    seen: dict[str, int] = {}
+    out, k = [], 0
+    for m in methods:
+        if m:
+            color = METHOD_COLORS[m]
+            j = seen[color] = seen.get(color, -1) + 1
+        else:
+            color, j, k = free[k % len(free)], 0, k + 1
+        if bars:
+            out.append(dict(color=color, pattern=dict(shape=PATTERNS[j % len(PATTERNS)])))
+        else:
+            out.append(dict(color=color, dash=DASHES[j % len(DASHES)]))
+    return out
 
 
 class BookRenderer(NotebookRenderer):
@@ -62,10 +104,14 @@ def _single_precision(obj):
 
 def use_notebook_renderer() -> None:
     """Render figures as plotly JSON (drawn by JupyterLab and Notebook 7) plus HTML that calls
-    the page's plotly.js (the built book serves one copy for the site), with no CDN."""
+    the page's plotly.js (the built book serves one copy for the site), with no CDN, on
+    plotly's white template with :data:`COLORS` as the default colours."""
     pio.renderers["lowbit"] = BookRenderer()
     pio.renderers.default = "plotly_mimetype+lowbit"
-    pio.templates.default = "plotly_white"
+    # traces given no colour take the palette's, in order (plotly's own colorway is not
+    # colour-blind safe)
+    pio.templates["lowbit"] = go.layout.Template(layout=dict(colorway=COLORS))
+    pio.templates.default = "plotly_white+lowbit"
 
 
 def _np(x) -> np.ndarray:
@@ -109,10 +155,9 @@ def line_figure(x: Sequence, series: Mapping[str, Sequence[float]], title: str =
                 markers: bool = True, height: int = 380, **layout) -> go.Figure:
     """Several named lines over a shared x axis."""
     fig = go.Figure()
-    for i, (name, ys) in enumerate(series.items()):
+    for (name, ys), style in zip(series.items(), styles(list(series))):
         fig.add_trace(go.Scatter(x=list(x), y=list(ys), name=name,
-                                 mode="lines+markers" if markers else "lines",
-                                 line=dict(color=COLORS[i % len(COLORS)])))
+                                 mode="lines+markers" if markers else "lines", line=style))
     fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=height,
                       margin=dict(t=50, b=40, l=60, r=20), **layout)
     if log_y:
@@ -120,7 +165,7 @@ def line_figure(x: Sequence, series: Mapping[str, Sequence[float]], title: str =
     return fig
 
 
-def grid_lines(levels, y_max: float, name: str = "grid", color: str = COLORS[1],
+def grid_lines(levels, y_max: float, name: str = "grid", color: str = "#555555",
                showlegend: bool = True) -> go.Scatter:
     """Vertical lines at the quantization ``levels`` as one trace (cheap to draw)."""
     xs, ys = [], []
@@ -162,10 +207,11 @@ def value_histograms(reference, others: Mapping[str, object], bins: int = 81,
     edges = np.linspace(lo, hi, bins + 1)
     centers = (edges[:-1] + edges[1:]) / 2
     traces = []
-    for i, (name, x) in enumerate(arrays):
+    lines = styles([name for name, _ in arrays])
+    for i, ((name, x), line) in enumerate(zip(arrays, lines)):
         counts, _ = np.histogram(np.clip(x, lo, hi), bins=edges)
-        style = dict(fill="tozeroy", line=dict(color="#999", shape="hvh")) if i == 0 else \
-            dict(line=dict(color=COLORS[(i - 1) % len(COLORS)], shape="hvh", width=1.5))
+        style = dict(fill="tozeroy", line=dict(line, shape="hvh")) if i == 0 else \
+            dict(line=dict(line, shape="hvh", width=1.5))
         traces.append(go.Scatter(x=centers, y=counts, name=name, mode="lines", **style))
     return traces
 
@@ -230,16 +276,16 @@ def frontier_traces(table, methods: Sequence[str], x: str = "weight bits",
     columns ``method``, ``x``, ``mean`` and ``std`` (one row per method and bit-width);
     ``reference`` adds a dashed horizontal line (full precision)."""
     traces = []
-    for i, name in enumerate(methods):
+    for name, style in zip(methods, styles(methods)):
         part = table[table.method == name].sort_values(x)
         if part.empty:
             continue
         traces.append(go.Scatter(x=[str(v) for v in part[x]], y=part["mean"].tolist(),
                                  error_y=dict(type="data", array=part["std"].tolist()),
-                                 name=name, mode="lines+markers",
-                                 line=dict(color=COLORS[i % len(COLORS)])))
+                                 name=name, mode="lines+markers", line=style))
     if reference is not None:  # across the methods' bit-widths
         xs = sorted({str(v) for v in table[table.method.isin(methods)][x]}, key=float)
         traces.append(go.Scatter(x=xs, y=[reference] * len(xs), name=reference_name,
-                                 mode="lines", line=dict(color="gray", dash="dash")))
+                                 mode="lines", line=dict(color=METHOD_COLORS["full precision"],
+                                                         dash="dash")))
     return traces
