@@ -183,7 +183,7 @@ def log_error(accuracy) -> np.ndarray:
 API_MODULES = ("lowbit.quant", "lowbit.psgd", "lowbit.slb", "lowbit.fqt", "lowbit.baselines",
                "lowbit.optim", "lowbit.models", "lowbit.data", "lowbit.train", "lowbit.recipes",
                "lowbit.cache", "lowbit.landscape", "lowbit.plots", "lowbit.book", "lowbit.bench",
-               "lowbit.course")
+               "lowbit.course", "lowbit.run")
 
 
 def api_name(obj: object) -> str | None:
