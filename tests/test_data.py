@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lowbit import cache, data
+from conftest import write_fake_cifar
 
 
 @pytest.mark.parametrize("name,shape,n_test", [("mnist", (1, 28, 28), 1000),
@@ -56,20 +57,8 @@ def test_loaders_deterministic_and_complete(data_home):
         data.get_loaders("digits", n_train=0)
 
 
-def _write_fake_cifar(root, n=20, corrupt=None):
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in data.CIFAR_TRAIN + data.CIFAR_TEST:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 b"labels": list(rng.integers(0, 10, n))}
-        with open(root / name, "wb") as f:
-            pickle.dump(batch, f)
-    if corrupt:
-        (root / corrupt).write_bytes(b"not a pickle")
-
-
 def test_cifar10_reads_local_batches(tmp_path):
-    _write_fake_cifar(tmp_path / "cifar-10-batches-py")
+    write_fake_cifar(tmp_path / "cifar-10-batches-py")
     train, test = data.load_cifar10(tmp_path, batch_size=16)
     x, y = next(iter(train))
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
@@ -79,7 +68,7 @@ def test_cifar10_reads_local_batches(tmp_path):
 def test_cifar10_missing_and_corrupt(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_batch_1.*never downloads"):
         data.load_cifar10(tmp_path)
-    _write_fake_cifar(tmp_path / "c", corrupt="data_batch_3")
+    write_fake_cifar(tmp_path / "c", corrupt="data_batch_3")
     with pytest.raises(ValueError, match="data_batch_3 is not a readable CIFAR-10 batch"):
         data.load_cifar10(tmp_path / "c")
 
@@ -92,7 +81,7 @@ class _Boom:
 
 
 def test_cifar10_refuses_a_crafted_pickle(tmp_path, monkeypatch):
-    _write_fake_cifar(tmp_path / "c")
+    write_fake_cifar(tmp_path / "c")
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / "c" / "data_batch_1", "wb") as f:
         pickle.dump({b"data": _Boom(), b"labels": [0]}, f)

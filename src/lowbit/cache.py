@@ -94,9 +94,10 @@ def read_entry(path: Path) -> bytes | None:
 
 
 #: Modules that never touch a model's training (figures, the notebooks' helpers, timing,
-#: landscape plots, this cache, the course release): left out of the source hash, so that
-#: editing them keeps trained models.
-NOT_TRAINING = ("bench.py", "book.py", "landscape.py", "plots.py", "cache.py", "course.py")
+#: landscape plots, this cache, the course release, the command line, through which no
+#: notebook trains): left out of the source hash, so that editing them keeps trained models.
+NOT_TRAINING = ("bench.py", "book.py", "landscape.py", "plots.py", "cache.py", "course.py",
+                "run.py")
 
 
 @functools.lru_cache(maxsize=1)

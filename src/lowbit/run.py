@@ -1,0 +1,571 @@
+"""Train one of the book's recipes from the command line: ``python -m lowbit.run`` (installed
+as ``lowbit``), on one process or, launched with ``torchrun --nproc_per_node=N``, on N with
+DistributedDataParallel (NCCL on GPUs, gloo on CPUs). A checkpoint is written at the end of
+every epoch; the same command, run again, continues from it.
+
+The recipes are Part IV's (:class:`lowbit.recipes.LowBitConfig`): ``--method`` makes the
+weights low-bit — ``fp`` (none), ``sgd`` (SGD, then data-free PTQ), ``ste`` (SGD for
+``--start-epochs``, then STE-QAT), ``psgd`` (SGD, then PSGD aimed at the grid, then PTQ) or
+``slb`` (SLB from scratch) — with ``--act-bits`` and, for fully quantized training,
+``--grad-quantizer pt|psq|bhq`` at ``--grad-bits``. Settings come from flags or from a YAML
+file (``--config run.yaml``, the flags' names as keys; a flag given too wins).
+
+Distributed runs (the "At paper scale" page says more):
+
+- The global batch (``--batch-size``) is the same whatever the number of processes: each
+  global batch is split into one contiguous share per process, the loss is the global
+  batch's mean (each process's sum over its share, scaled by N / global size), and DDP's
+  average of the gradients is then exactly the one-process gradient.
+- What still differs with N: BatchNorm normalizes each process's share with that share's
+  statistics (on GPUs ``--sync-bn`` uses SyncBatchNorm instead); its running statistics,
+  and SLB's discrete ones, are rank 0's (DDP broadcasts buffers from rank 0 at every
+  forward). FQT's PT and BHQ quantizers take their range and grouping over each share
+  (PSQ's per-sample ranges do not change), and each process draws its own stochastic
+  rounding (rank r from seed + r), which keeps the gradient unbiased. PSGD's scale and SLB's
+  temperature are computed from the weights and the step count, which every process shares.
+- Metrics are summed over the processes; only rank 0 writes files.
+
+A checkpoint (``OUT/checkpoint.pt``, written atomically with its SHA-256 by
+:func:`lowbit.cache.write_entry`, loaded with ``weights_only=True``) holds the model, the
+optimizer, the learning-rate schedule, SLB's temperature clock, the random states, the phase
+and the epoch. Each epoch's data order is a function of the seed and the epoch, so a run
+killed at any point and started again with the same command ends bit-identical to one that
+was never interrupted (on the same machine and thread count).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import io
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data as data_, fqt, models, quant, recipes, slb
+from .cache import read_entry, write_entry
+from .train import History, seed_everything
+
+__all__ = ["RunConfig", "METHODS", "load_data", "load_config", "build_parser",
+           "config_from_args", "train", "main", "console"]
+
+#: The weight methods of ``--method`` (Part IV's :data:`lowbit.recipes.WEIGHT_METHODS`).
+METHODS = recipes.WEIGHT_METHODS
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run of ``python -m lowbit.run``; each field is a flag (``--weight-bits``...)."""
+    method: str = "ste"
+    weight_bits: int | None = 4
+    act_bits: int | None = None
+    grad_quantizer: str | None = None
+    grad_bits: int = 8
+    data: str = "mnist"
+    data_dir: str | None = None
+    model: str = "cnn"
+    epochs: int = 5
+    start_epochs: int = 2
+    batch_size: int = 64
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    out: str = "runs/lowbit"
+    device: str = "auto"
+    sync_bn: bool = False
+    progress: bool = True
+
+    def lowbit(self) -> recipes.LowBitConfig:
+        """The Part IV configuration (it checks the method, bits and epochs)."""
+        return recipes.LowBitConfig(self.method, None if self.method == "fp" else self.weight_bits,
+                                    self.act_bits, self.grad_quantizer, self.grad_bits,
+                                    self.epochs, self.start_epochs)
+
+    def check(self) -> "RunConfig":
+        """Every setting checked, each error naming the value and what is allowed."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        self.lowbit()
+        return self
+
+
+def _import(spec: str, what: str) -> Callable:
+    """The function named by ``module:function`` (an error says which part is missing)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{what} {spec!r} is neither a name lowbit knows nor 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({e})") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{what} {spec!r}: module {module_name!r} has no function {attr!r}")
+    return fn
+
+
+@dataclass
+class _Data:
+    """A train and a test set as tensors, or as map-style datasets."""
+    train: Any
+    test: Any
+    input_shape: tuple[int, ...]
+
+    @staticmethod
+    def size(ds) -> int:
+        return len(ds[1]) if isinstance(ds, tuple) else len(ds)
+
+    @staticmethod
+    def fetch(ds, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(ds, tuple):
+            return ds[0][idx], ds[1][idx]
+        x, y = torch.utils.data.default_collate([ds[int(i)] for i in idx])
+        return torch.as_tensor(x), torch.as_tensor(y)
+
+
+def load_data(cfg: RunConfig) -> _Data:
+    """The run's data: a packaged data set (``mnist``, ``digits``, ``mnist1d``), ``cifar10``
+    from ``--data-dir`` (your own copy), or ``module:function``, called as ``function(train=
+    True)`` and ``function(train=False)``, each returning a ``torch.utils.data.Dataset`` of
+    ``(input, label)`` pairs."""
+    if cfg.data in data_.DATASETS:
+        s = data_.load_arrays(cfg.data, cfg.seed)
+        as_t = torch.as_tensor
+        return _Data((as_t(s.x_train), as_t(s.y_train)), (as_t(s.x_test), as_t(s.y_test)),
+                     s.input_shape)
+    if cfg.data == "cifar10":
+        if cfg.data_dir is None:
+            raise ValueError("data 'cifar10' needs --data-dir, the folder of your copy of "
+                             "cifar-10-batches-py (nothing is downloaded)")
+        if not Path(cfg.data_dir).is_dir():
+            raise FileNotFoundError(f"data folder {cfg.data_dir!r} does not exist")
+        train_l, test_l = data_.load_cifar10(cfg.data_dir, seed=cfg.seed)
+        return _Data((train_l.x, train_l.y), (test_l.x, test_l.y), tuple(train_l.x.shape[1:]))
+    fn = _import(cfg.data, "data")
+    sets = [fn(train=True), fn(train=False)]
+    for name, ds in zip(("train", "test"), sets):
+        if not isinstance(ds, torch.utils.data.Dataset):
+            raise TypeError(f"data {cfg.data!r} returned {type(ds).__name__} for the {name} "
+                            "set, not a torch.utils.data.Dataset")
+    sets = [ds.tensors if isinstance(ds, torch.utils.data.TensorDataset) else ds for ds in sets]
+    first = _Data.fetch(sets[0], torch.tensor([0]))[0]
+    return _Data(sets[0], sets[1], tuple(first.shape[1:]))
+
+
+def _plain_model(cfg: RunConfig, input_shape: tuple[int, ...]) -> nn.Module:
+    """The untrained full-precision model, initialised from the seed."""
+    seed_everything(cfg.seed)
+    if ":" in cfg.model:
+        model = _import(cfg.model, "model")()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model {cfg.model!r} returned {type(model).__name__}, not an nn.Module")
+        return model
+    return models.build_model(cfg.model, input_shape)
+
+
+def _lowbit_form(model: nn.Module, lb: recipes.LowBitConfig, seed: int) -> nn.Module:
+    """``model`` in the form the low-bit phase trains (as :func:`lowbit.recipes.build_lowbit`)."""
+    if lb.weights == "ste":
+        model = quant.prepare_qat(model, lb.weight_bits, lb.act_bits)
+    elif lb.weights == "slb":
+        model = slb.convert(model, lb.weight_bits, lb.act_bits, seed=seed)
+    if lb.grad_quantizer is not None:
+        model = fqt.wrap(model, lb.grad_quantizer, lb.grad_bits)
+    return model
+
+
+def _phases(lb: recipes.LowBitConfig) -> list[tuple[str, int]]:
+    """``(name, epochs)`` of each phase: STE-QAT and PSGD start with SGD, as in the book."""
+    if lb.weights in ("ste", "psgd"):
+        return [("start", lb.start_epochs), (lb.weights, lb.epochs - lb.start_epochs)]
+    return [(lb.weights, lb.epochs)]
+
+
+class _Dist:
+    """This process's place in the run: rank, world size, device (one process: 0, 1)."""
+
+    def __init__(self, device: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' asked for, but torch sees no GPU")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+
+    def sum(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _epoch_order(n: int, seed: int, k: int) -> torch.Tensor:
+    """The k-th shuffle (from 0) of a generator seeded with ``seed``: the order of the k-th
+    epoch of a phase, as :class:`lowbit.data.ArrayLoader` draws it, recomputed on resume."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(k):
+        torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=g)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(
+        np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
+        "numpy_pos": np.random.get_state()[2], "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    keys = np.frombuffer(state["numpy"].numpy().tobytes(), dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, int(state["numpy_pos"]), 0, 0.0))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Phase:
+    """The model, optimizer, schedule and hooks of one phase."""
+
+    def __init__(self, name: str, epochs: int, model: nn.Module, cfg: RunConfig,
+                 lb: recipes.LowBitConfig, steps_per_epoch: int, where: _Dist) -> None:
+        self.name, self.epochs = name, epochs
+        r = recipes.Recipe(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           seed=cfg.seed, batch_size=cfg.batch_size)
+        self.model = model.to(where.device)
+        self.generator = None
+        if lb.grad_quantizer is not None and name != "start":
+            self.generator = torch.Generator(device=where.device).manual_seed(cfg.seed + where.rank)
+            fqt.configure(self.model, generator=self.generator)
+        if name == "start":
+            self.optimizer, self.after = torch.optim.SGD(
+                self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay), None
+        else:
+            self.optimizer, self.after = recipes.lowbit_optimizer(self.model, r, lb)
+        total = max(epochs * steps_per_epoch, 1)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, total)
+        self.annealer = slb.Annealer(self.model, recipes.SLBConfig.schedule, total) \
+            if name == "slb" else None
+        self.ddp = self.model
+        if where.world > 1:
+            if cfg.sync_bn:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[where.device.index] if where.device.type == "cuda" else None)
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "annealer": self.annealer.count if self.annealer else None,
+                "generator": self.generator.get_state() if self.generator is not None else None}
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.annealer is not None:
+            self.annealer.count = state["annealer"]
+            slb.set_temperature(self.model, self.annealer.temperature)
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
+
+
+def _make_phase(index: int, cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data,
+                steps: int, where: _Dist, previous: nn.Module | None) -> _Phase:
+    name, epochs = _phases(lb)[index]
+    base = _plain_model(cfg, data.input_shape)
+    if name == "start":
+        model = base
+    else:
+        model = _lowbit_form(base, lb, cfg.seed)
+        if previous is not None:  # the low-bit phase starts where SGD ended
+            start = quant.prepare_qat(previous, lb.weight_bits, lb.act_bits) \
+                if lb.weights == "ste" else previous
+            recipes._load_unwrapped(model, start.state_dict())
+    seed_everything(cfg.seed)  # as the book does before each phase's training
+    return _Phase(name, epochs, model, cfg, lb, steps, where)
+
+
+def _evaluate(model: nn.Module, data: _Data, where: _Dist, batch: int = 512) -> tuple[float, float]:
+    """Test loss and accuracy (%), each process taking its share of the test set."""
+    n = _Data.size(data.test)
+    mine = torch.arange(n).tensor_split(where.world)[where.rank]
+    was = model.training
+    model.eval()
+    loss = correct = 0.0
+    with torch.no_grad():
+        for idx in mine.split(batch):
+            x, y = (t.to(where.device) for t in _Data.fetch(data.test, idx))
+            out = model(x)
+            loss += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+    model.train(was)
+    loss, correct = where.sum(loss, correct)
+    return loss / n, 100.0 * correct / n
+
+
+def _deploy(model: nn.Module, lb: recipes.LowBitConfig) -> nn.Module:
+    return recipes.deploy(model, lb)
+
+
+def _write_csv(path: Path, history: History) -> None:
+    rows = history.to_dict()
+    names = [k for k, v in rows.items() if isinstance(v, list) and v]
+    n = max(len(rows[k]) for k in names)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch"] + names)
+        for i in range(n):
+            w.writerow([i + 1] + [rows[k][i] if i < len(rows[k]) else "" for k in names])
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, cfg: RunConfig) -> dict | None:
+    payload = read_entry(path)
+    if payload is None:
+        return None
+    state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    saved = state.get("config", {})
+    differ = {k: (saved.get(k), v) for k, v in asdict(cfg).items()
+              if k not in ("out", "progress", "device") and saved.get(k) != v}
+    if differ:
+        raise ValueError(f"{path} was written by a run with other settings "
+                         f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
+                         "give another --out, or delete it to start again")
+    return state
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run ``cfg`` to the end (resuming from ``cfg.out``'s checkpoint if there is one) and
+    return the final metrics. Under torchrun every process calls this."""
+    cfg.check()
+    lb = cfg.lowbit()
+    data = load_data(cfg)
+    where = _Dist(cfg.device)
+    try:
+        return _train(cfg, lb, data, where)
+    finally:
+        where.close()
+
+
+def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) -> dict:
+    out = Path(cfg.out)
+    lead = where.rank == 0
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+    n = _Data.size(data.train)
+    if cfg.batch_size < where.world:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {where.world} processes")
+    batches = [b for b in range(0, n, cfg.batch_size) if n - b >= where.world]
+    steps = len(batches)
+    phases = _phases(lb)
+    starts = np.cumsum([0] + [e for _, e in phases])  # first epoch of each phase
+    state = _load_checkpoint(out / CHECKPOINT, cfg)
+    history, epoch, index = History(), 0, 0
+    if state is not None:  # the phase it was written in; the loop moves on from there
+        history, epoch = History.from_dict(state["history"]), int(state["epoch"])
+        index = int(state["phase_index"])
+    phase = _make_phase(index, cfg, lb, data, steps, where, None)
+    if state is not None:
+        phase.load(state["phase"])
+        _set_rng_state(state["rng"])
+        if lead:
+            print(f"resuming {out / CHECKPOINT}: {epoch} of {lb.epochs} epochs done")
+    clock = time.perf_counter()
+    kill_at = int(os.environ.get("LOWBIT_RUN_KILL_AT_STEP", "0"))  # tests: a kill mid-epoch
+    bar = tqdm(total=lb.epochs * steps, initial=epoch * steps, disable=not (lead and cfg.progress),
+               desc=f"{cfg.method} {lb.name}", unit="step")
+    while epoch < lb.epochs:
+        if epoch == starts[index + 1]:  # the next phase begins where this one ended
+            index += 1
+            phase = _make_phase(index, cfg, lb, data, steps, where, phase.model)
+        order = _epoch_order(n, cfg.seed, epoch - int(starts[index]))
+        phase.ddp.train()
+        loss_sum = correct = seen = 0.0
+        for i, b in enumerate(batches):
+            idx = order[b:b + cfg.batch_size]
+            mine = idx.tensor_split(where.world)[where.rank]
+            x, y = (t.to(where.device) for t in _Data.fetch(data.train, mine))
+            logits = phase.ddp(x)
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training diverged at epoch {epoch + 1}: the loss is "
+                                         f"{loss.item()}; lower the learning rate")
+            phase.optimizer.zero_grad(set_to_none=True)
+            (loss * (where.world / len(idx))).backward()
+            phase.optimizer.step()
+            phase.schedule.step()
+            if phase.after is not None:  # SLB's second pass for the discrete statistics
+                phase.after(x)
+            if phase.annealer is not None:
+                phase.annealer.step()
+            loss_sum += loss.item()
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.update(1)
+            if kill_at and epoch * steps + i + 1 == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        loss_sum, correct, seen = where.sum(loss_sum, correct, seen)
+        test_loss, test_acc = _evaluate(phase.model, data, where)
+        history.log(train_loss=loss_sum / seen, train_acc=100.0 * correct / seen,
+                    test_loss=test_loss, test_acc=test_acc)
+        if phase.annealer is not None:
+            history.log(temperature=phase.annealer.temperature)
+        epoch += 1
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", test_acc=f"{test_acc:.1f}")
+        if lead:
+            payload = io.BytesIO()
+            torch.save({"config": asdict(cfg), "epoch": epoch, "phase_index": index,
+                        "history": history.to_dict(), "phase": phase.state(),
+                        "rng": _rng_state()}, payload)
+            write_entry(out / CHECKPOINT, payload.getvalue())
+            _write_csv(out / "metrics.csv", history)
+    bar.close()
+    deployed = _deploy(phase.model, lb)
+    _, deployed_acc = _evaluate(deployed, data, where)
+    result = {"method": cfg.method, "setting": lb.name, "epochs": lb.epochs,
+              "processes": where.world, "test_acc": history.test_acc[-1],
+              "deployed_acc": deployed_acc, "seconds": time.perf_counter() - clock}
+    if lead:
+        tmp = out / f".model.pt.{os.getpid()}.tmp"  # a plain torch file, written atomically
+        torch.save(deployed.state_dict(), tmp)
+        tmp.replace(out / "model.pt")
+        print(f"result: {cfg.method} {lb.name}, {lb.epochs} epochs on {where.world} "
+              f"process{'es' if where.world > 1 else ''}: low-bit test accuracy "
+              f"{deployed_acc:.2f}% (trained model {history.test_acc[-1]:.2f}%); "
+              f"metrics in {out / 'metrics.csv'}")
+    return result
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """The settings of a YAML file: a mapping of :class:`RunConfig` field names (dashes or
+    underscores) to values; an unknown key is an error that names it."""
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {str(p)!r} must hold a mapping of settings, "
+                         f"got {type(raw).__name__}")
+    known = {f.name for f in fields(RunConfig)}
+    settings = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"config file {str(p)!r}: unknown setting(s) {unknown}; "
+                         f"known: {sorted(known)}")
+    return settings
+
+
+def _bits(text: str) -> int | None:
+    return None if text.lower() in ("none", "32", "fp") else int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags, one per :class:`RunConfig` field, plus ``--config``; a flag
+    left out is None, so that the YAML file's value (or the default) stands."""
+    p = argparse.ArgumentParser(prog="lowbit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = RunConfig()
+    p.add_argument("--config", help="a YAML file of settings (flags given too win)")
+    p.add_argument("--method", choices=METHODS, help=f"how the weights become low-bit (default {d.method})")
+    p.add_argument("--weight-bits", type=_bits, help=f"weight bits (default {d.weight_bits})")
+    p.add_argument("--act-bits", type=_bits, help="activation bits (default: full precision)")
+    p.add_argument("--grad-quantizer", choices=fqt.QUANTIZERS,
+                   help="quantize every layer's output gradient (FQT) with this quantizer")
+    p.add_argument("--grad-bits", type=int, help=f"gradient bits (default {d.grad_bits})")
+    p.add_argument("--data", help=f"mnist, digits, mnist1d, cifar10 (with --data-dir) or "
+                                  f"module:function (default {d.data})")
+    p.add_argument("--data-dir", help="the folder of your CIFAR-10 copy (cifar-10-batches-py)")
+    p.add_argument("--model", help=f"cnn, cnn8, mlp, resnet20, or module:function (default {d.model})")
+    p.add_argument("--epochs", type=int, help=f"epochs in all (default {d.epochs})")
+    p.add_argument("--start-epochs", type=int,
+                   help=f"SGD epochs before STE-QAT or PSGD (default {d.start_epochs})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"global batch size, whatever the number of processes (default {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"SGD's learning rate (default {d.lr})")
+    p.add_argument("--momentum", type=float, help=f"(default {d.momentum})")
+    p.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
+    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    p.add_argument("--out", help=f"folder for the checkpoint, metrics.csv and model.pt (default {d.out})")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="(default auto)")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="SyncBatchNorm across processes (GPUs)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> RunConfig:
+    """The :class:`RunConfig` of a command line: defaults, then the YAML file, then flags.
+    A bad setting exits with a message that names it (argparse's ``error``)."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        path = args.pop("config")
+        settings = load_config(path) if path else {}
+        settings.update({k: v for k, v in args.items() if v is not None})
+        return RunConfig(**settings).check()
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        parser.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = config_from_args(argv)
+    try:
+        return train(cfg)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        # bad input found once the data or model is loaded: one line, not a traceback
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def console() -> int:
+    """The ``lowbit`` console script (``main``'s result is printed, not returned as a status)."""
+    main()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The command line (lowbit.run): every method on the packaged data, a checkpoint every epoch
+from which a killed run resumes bit-identical, torchrun with 2 gloo processes against one
+process, and bad settings named."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_fake_cifar
+from lowbit import run
+
+ROOT = Path(__file__).resolve().parents[1]
+# the packaged digits with the MLP: a few seconds per run
+QUICK = ["--data", "digits", "--model", "mlp", "--epochs", "2", "--start-epochs", "1",
+         "--batch-size", "64", "--no-progress"]
+
+
+def _cli(args, tmp_path, env=None, launcher=None):
+    """``python -m lowbit.run`` (or under ``launcher``) in a subprocess, on one thread."""
+    full_env = {**os.environ, "LOWBIT_DATA": str(tmp_path / "data"), "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "src")]), **(env or {})}
+    cmd = (launcher or [sys.executable]) + ["-m", "lowbit.run"] + args
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("fp", []), ("sgd", ["--weight-bits", "4"]), ("ste", ["--weight-bits", "4", "--act-bits", "4"]),
+    ("psgd", ["--weight-bits", "4"]), ("slb", ["--weight-bits", "2"]),
+    ("ste", ["--weight-bits", "4", "--grad-quantizer", "psq", "--grad-bits", "4"]),
+    ("fp", ["--grad-quantizer", "bhq"]), ("slb", ["--weight-bits", "2", "--grad-quantizer", "pt"])])
+def test_every_method_runs_on_the_packaged_data(method, extra, tmp_path, data_home):
+    result = run.main(["--method", method, *extra, *QUICK, "--out", str(tmp_path / "out")])
+    assert result["deployed_acc"] > 20 and result["epochs"] == 2  # chance is 10%
+    rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[-1]["test_acc"]) > 20
+    state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert state and all(torch.isfinite(v).all() for v in state.values()
+                         if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
+def test_the_console_script_is_installed():
+    script = Path(sys.executable).with_name("lowbit")
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--grad-quantizer" in out.stdout
+
+
+def test_yaml_config_and_flags(tmp_path):
+    (tmp_path / "run.yaml").write_text("method: psgd\nweight-bits: 3\nepochs: 4\nseed: 2\n")
+    cfg = run.config_from_args(["--config", str(tmp_path / "run.yaml"), "--epochs", "6"])
+    assert (cfg.method, cfg.weight_bits, cfg.epochs, cfg.seed) == ("psgd", 3, 6, 2)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "adam"], "invalid choice: 'adam'"),
+    (["--weight-bits", "40"], "weight_bits for ste must be"),
+    (["--method", "psgd", "--weight-bits", "1"], "weight_bits for psgd"),
+    (["--epochs", "0"], "epochs must be a positive integer, got 0"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--start-epochs", "5", "--epochs", "5"], "start_epochs must be between 0 and epochs=5"),
+    (["--grad-quantizer", "ptq"], "invalid choice: 'ptq'"),
+])
+def test_bad_settings_are_named(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        run.config_from_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "cifar10", "--data-dir", "/no/such/folder"], "'/no/such/folder' does not exist"),
+    (["--data", "cifar10"], "needs --data-dir"),
+    (["--data", "nosuchmodule:load"], "cannot import module 'nosuchmodule'"),
+    (["--model", "os:no_such_function"], "module 'os' has no function 'no_such_function'"),
+    (["--model", "notamodel"], "notamodel"),
+])
+def test_bad_data_and_models_are_named(args, message, tmp_path, data_home, capsys):
+    with pytest.raises(SystemExit) as e:
+        run.main(args + ["--out", str(tmp_path / "out"), "--no-progress"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_unknown_yaml_key_and_missing_file_are_named(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("method: slb\nbitz: 2\n")
+    for path, message in ((tmp_path / "run.yaml", "unknown setting(s) ['bitz']"),
+                          (tmp_path / "none.yaml", "does not exist")):
+        with pytest.raises(SystemExit):
+            run.config_from_args(["--config", str(path)])
+        assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path, data_home, capsys):
+    out = str(tmp_path / "out")
+    run.main(["--method", "fp", *QUICK, "--epochs", "1", "--out", out])
+    with pytest.raises(SystemExit):
+        run.main(["--method", "fp", *QUICK, "--epochs", "1", "--seed", "1", "--out", out])
+    assert "seed: 0 there, 1 now" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", [
+    ["--method", "ste", "--grad-quantizer", "psq", "--grad-bits", "4", "--epochs", "3"],
+    ["--method", "slb", "--weight-bits", "2", "--epochs", "3"]])
+def test_a_killed_run_resumes_bit_identical(method, tmp_path):
+    """Killed (SIGKILL) in its second epoch, then the same command again: the same final
+    model, to the bit, and the same metrics as a run that was never interrupted."""
+    args = [*QUICK, *method]
+    whole = _cli(args + ["--out", "whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    steps = -(-1437 // 64)  # digits' training set, global batches per epoch
+    killed = _cli(args + ["--out", "killed"], tmp_path,
+                  env={"LOWBIT_RUN_KILL_AT_STEP": str(steps + steps // 2)})
+    assert killed.returncode == -signal.SIGKILL
+    rows = list(csv.DictReader(open(tmp_path / "killed" / "metrics.csv")))
+    assert len(rows) == 1  # the first epoch's checkpoint, nothing of the second
+    resumed = _cli(args + ["--out", "killed"], tmp_path)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    assert (tmp_path / "whole" / "metrics.csv").read_text() == \
+        (tmp_path / "killed" / "metrics.csv").read_text()
+
+
+#: torchrun against one process: the largest difference allowed between the two runs'
+#: final weights (float32 sums taken in another order, over 2 epochs)
+DDP_TOLERANCE = 1e-4
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """Two gloo processes with the same global batch train the same model as one process:
+    a model without BatchNorm (named by module:function, so that the per-process batch
+    statistics do not enter), the tiny CIFAR-format data set the test writes."""
+    write_fake_cifar(tmp_path / "cifar", n=48, seed=1)
+    (tmp_path / "tiny_model.py").write_text(
+        "from torch import nn\n\n"
+        "def model():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3072, 32), nn.ReLU(), nn.Linear(32, 10))\n")
+    args = ["--method", "fp", "--data", "cifar10", "--data-dir", str(tmp_path / "cifar"),
+            "--model", "tiny_model:model", "--epochs", "2", "--batch-size", "16", "--lr", "0.05",
+            "--no-progress"]
+    one = _cli(args + ["--out", "one"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _cli(args + ["--out", "two"], tmp_path, launcher=[
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 processes" in two.stdout
+    a = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a if isinstance(a[k], torch.Tensor))
+    assert diff < DDP_TOLERANCE, diff
+    rows = [list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("one", "two")]
+    for r1, r2 in zip(*rows):
+        assert abs(float(r1["train_loss"]) - float(r2["train_loss"])) < 1e-4
