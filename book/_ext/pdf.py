@@ -5,8 +5,13 @@ executed notebooks that ``bash .ci/book`` cached) and this script prints that pa
 Chromium the browser test uses (Debian's package, driven by playwright), the way Jupyter
 Book's ``pdfhtml`` builder does with a Chromium of its own (which it would download). The
 page is laid out at the printed width before the figures draw, every plotly figure and
-widget is waited for, and then Chromium prints it: each figure appears as the vector image
+has drawn, and then Chromium prints it: each figure appears as the vector image
 it drew. The PDF is written next to its final name and moved there once complete.
+
+It is also a Sphinx extension (``_config.yml``): for the one-page build it gives the
+``singlehtml`` builder every node visitor the extensions registered for ``html`` (Sphinx
+uses a builder's own visitors, once any extension registers one, instead of its format's;
+myst-nb's folded code cells have only ``html`` ones).
 """
 from __future__ import annotations
 
@@ -24,20 +29,16 @@ MARGIN_MM = 14
 #: that has no use on paper, and the folded code of figures (its output stays).
 PRINT_CSS = """
 .bd-header, .bd-sidebar-primary, .bd-sidebar-secondary, .header-article, .prev-next-area,
-.bd-footer, .bd-footer-content, .headerlink, .toggle-details__summary, .cell_input.toggle-hidden
+.bd-footer, .bd-footer-content, .headerlink, details.hide.above-input
   { display: none !important; }
 .bd-main .bd-content .bd-article-container { max-width: 100% !important; }
 .js-plotly-plot, .jp-OutputArea-output, .cell_output { break-inside: avoid; }
 h1, h2 { break-after: avoid; }
 """
-#: Every figure has drawn (plotly adds its SVG) and no widget is still a placeholder.
-READY_JS = """() => {
-  const figs = [...document.querySelectorAll('.plotly-graph-div')];
-  const drawn = figs.every(f => f.querySelector('.main-svg'));
-  const waiting = document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]')
-    .length > document.querySelectorAll('.widget-view, .jupyter-widgets').length;
-  return drawn && !waiting;
-}"""
+#: Every figure has drawn (plotly adds its SVG). The ipywidgets controls are left out: they
+#: are for the live notebook, and their figures are the pages' own figures with sliders.
+READY_JS = """() => [...document.querySelectorAll('.plotly-graph-div')]
+  .every(f => f.querySelector('.main-svg'))"""
 
 
 def _serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
@@ -52,12 +53,17 @@ def _serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
 
 
 def print_pdf(site: Path, out: Path, chromium: str | None = None, timeout_s: float = 600) -> Path:
-    """Print ``site/index.html`` (a ``singlehtml`` build) to ``out``; return ``out``."""
+    """Print the one page of a ``singlehtml`` build in ``site`` to ``out``; return ``out``."""
     from playwright.sync_api import sync_playwright
     site, out = Path(site), Path(out)
-    if not (site / "index.html").is_file():
-        raise FileNotFoundError(f"no {site / 'index.html'}: build the one-page book first "
+    # Jupyter Book's root page is book/intro (index.html only redirects to it), and the
+    # singlehtml builder writes its links as if the page sat at the site's root: put it there
+    page = site / "book" / "intro.html"
+    if not page.is_file():
+        raise FileNotFoundError(f"no {page}: build the one-page book first "
                                 "(jupyter-book build . --builder singlehtml)")
+    page_path = "print.html"
+    shutil.copy(page, site / page_path)
     chromium = chromium or shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise FileNotFoundError("chromium is not installed (apt-get install -y chromium)")
@@ -68,7 +74,7 @@ def print_pdf(site: Path, out: Path, chromium: str | None = None, timeout_s: flo
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": A4_WIDTH_PX - 2 * 53, "height": 1100})
             page.emulate_media(media="print")
-            page.goto(f"{base}/index.html", wait_until="load", timeout=timeout_s * 1000)
+            page.goto(f"{base}/{page_path}", wait_until="load", timeout=timeout_s * 1000)
             page.add_style_tag(content=PRINT_CSS)
             page.wait_for_function(READY_JS, timeout=timeout_s * 1000, polling=1000)
             page.evaluate("document.fonts.ready")
@@ -85,6 +91,20 @@ def print_pdf(site: Path, out: Path, chromium: str | None = None, timeout_s: flo
         httpd.shutdown()
         tmp.unlink(missing_ok=True)
     return out
+
+
+def share_html_visitors(app) -> None:
+    """Give the singlehtml builder the html visitors it lacks (see the module's docstring)."""
+    if app.builder.name == "singlehtml":
+        handlers = app.registry.translation_handlers
+        own = handlers.setdefault("singlehtml", {})
+        for node, visitors in handlers.get("html", {}).items():
+            own.setdefault(node, visitors)
+
+
+def setup(app) -> dict:
+    app.connect("builder-inited", share_html_visitors)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 
 def main() -> None:

@@ -34,8 +34,9 @@ METHOD_COLORS = {"full precision": "#7f7f7f", "PSGD": "#0072B2", "SLB": "#009E73
                  "SGD": "#D55E00", "STE": "#CC79A7", "QAT": "#CC79A7", "BHQ": "#000000",
                  "PSQ": "#56B4E9", "PT": "#E69F00"}
 _METHOD_RE = re.compile(r"\s*(%s)\b" % "|".join(map(re.escape, METHOD_COLORS)))
-#: Line dashes and bar patterns that tell apart several traces of one method in one figure.
+#: Line dashes that tell apart several traces of one method in one figure.
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+#: Bar fill patterns that tell apart several bars of one method in one figure.
 PATTERNS = ("", "/", ".", "x", "\\", "+")
 
 
