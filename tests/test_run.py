@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import write_fake_cifar
-from lowbit import run
+from lowbit import recipes, run
 
 ROOT = Path(__file__).resolve().parents[1]
 # the packaged digits with the MLP: a few seconds per run
@@ -76,6 +76,7 @@ def test_bad_settings_are_named(args, message, capsys):
     (["--data", "nosuchmodule:load"], "cannot import module 'nosuchmodule'"),
     (["--model", "os:no_such_function"], "module 'os' has no function 'no_such_function'"),
     (["--model", "notamodel"], "notamodel"),
+    (["--sync-bn", "--device", "cpu"], "--sync-bn needs GPUs"),
 ])
 def test_bad_data_and_models_are_named(args, message, tmp_path, data_home, capsys):
     with pytest.raises(SystemExit) as e:
@@ -156,3 +157,22 @@ def test_torchrun_two_processes_match_one(tmp_path):
     rows = [list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("one", "two")]
     for r1, r2 in zip(*rows):
         assert abs(float(r1["train_loss"]) - float(r2["train_loss"])) < 1e-4
+
+
+@pytest.mark.parametrize("method,bits,grads", [("sgd", 4, None), ("ste", 4, None),
+                                               ("psgd", 4, None), ("slb", 2, None),
+                                               ("ste", 4, "psq")])
+def test_one_process_trains_the_books_recipe_bit_for_bit(method, bits, grads, tmp_path, data_home):
+    """The command line on one process is the book's Part IV recipe (recipes.train_lowbit):
+    the same deployed weights, to the bit, and so the same accuracy."""
+    r = recipes.Recipe(data="digits", model="mlp", batch_size=64, seed=0)
+    cfg = recipes.LowBitConfig(method, bits, None, grads, 4, epochs=2, start_epochs=1)
+    model, history = recipes.train_lowbit(r, cfg, progress=False)
+    extra = ["--grad-quantizer", grads, "--grad-bits", "4"] if grads else []
+    result = run.main(["--method", method, "--weight-bits", str(bits), *extra, *QUICK,
+                       "--out", str(tmp_path / "out")])
+    assert result["deployed_acc"] == history.extra["deployed_acc"][-1]
+    mine = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    book = recipes.deploy(model, cfg).state_dict()
+    tensors = [k for k, v in book.items() if isinstance(v, torch.Tensor)]
+    assert tensors and all(torch.equal(mine[k], book[k]) for k in tensors)

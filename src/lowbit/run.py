@@ -15,7 +15,9 @@ Distributed runs (the "At paper scale" page says more):
 - The global batch (``--batch-size``) is the same whatever the number of processes: each
   global batch is split into one contiguous share per process, the loss is the global
   batch's mean (each process's sum over its share, scaled by N / global size), and DDP's
-  average of the gradients is then exactly the one-process gradient.
+  average of the gradients is then the one-process gradient, up to the order of float sums.
+  One process trains exactly as the book's :func:`lowbit.recipes.train_lowbit` does: the
+  same data order, initialisation, phases and updates, so the same weights, bit for bit.
 - What still differs with N: BatchNorm normalizes each process's share with that share's
   statistics (on GPUs ``--sync-bn`` uses SyncBatchNorm instead); its running statistics,
   and SLB's discrete ones, are rank 0's (DDP broadcasts buffers from rank 0 at every
@@ -349,8 +351,9 @@ def _deploy(model: nn.Module, lb: recipes.LowBitConfig) -> nn.Module:
 
 
 def _write_csv(path: Path, history: History) -> None:
-    rows = history.to_dict()
-    names = [k for k, v in rows.items() if isinstance(v, list) and v]
+    d = history.to_dict()
+    rows = {**{k: v for k, v in d.items() if k != "extra"}, **d["extra"]}
+    names = [k for k, v in rows.items() if v]
     n = max(len(rows[k]) for k in names)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
@@ -395,6 +398,9 @@ def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) 
     if lead:
         out.mkdir(parents=True, exist_ok=True)
     n = _Data.size(data.train)
+    if cfg.sync_bn and where.device.type != "cuda":
+        raise ValueError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA, with NCCL); on CPUs "
+                         "each process normalizes its own share of the batch")
     if cfg.batch_size < where.world:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {where.world} processes")
     batches = [b for b in range(0, n, cfg.batch_size) if n - b >= where.world]
@@ -428,19 +434,24 @@ def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) 
             mine = idx.tensor_split(where.world)[where.rank]
             x, y = (t.to(where.device) for t in _Data.fetch(data.train, mine))
             logits = phase.ddp(x)
-            loss = F.cross_entropy(logits, y, reduction="sum")
+            if where.world == 1:  # the mean, as lowbit.train.fit takes it: the book's run exactly
+                loss = F.cross_entropy(logits, y)
+                scaled, loss_total = loss, loss.item() * len(y)
+            else:  # this share's sum, scaled so that DDP's average is the global batch's mean
+                loss = F.cross_entropy(logits, y, reduction="sum")
+                scaled, loss_total = loss * (where.world / len(idx)), loss.item()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training diverged at epoch {epoch + 1}: the loss is "
                                          f"{loss.item()}; lower the learning rate")
             phase.optimizer.zero_grad(set_to_none=True)
-            (loss * (where.world / len(idx))).backward()
+            scaled.backward()
             phase.optimizer.step()
             phase.schedule.step()
             if phase.after is not None:  # SLB's second pass for the discrete statistics
                 phase.after(x)
             if phase.annealer is not None:
                 phase.annealer.step()
-            loss_sum += loss.item()
+            loss_sum += loss_total
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             bar.update(1)
