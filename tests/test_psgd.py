@@ -152,3 +152,22 @@ def test_sparsity_and_mse_helpers():
     assert psgd.sparsity(net) == 0.5
     assert psgd.weight_quantization_mse(net, 2) == 0.0
     assert math.isclose(psgd.sparsity(net, threshold=1.0), 1.0)
+
+
+@pytest.mark.parametrize("bits", [4, 2, None])
+def test_multi_tensor_step_is_the_per_parameter_formula(bits):
+    """PSGD's _foreach path (plain scale, current range, or aimed at 0) computes, bit for
+    bit, w ← w − lr·(momentum buffer of s(w)·g + wd·w), s from position_scale/position_target."""
+    torch.manual_seed(0)
+    ws = [torch.randn(8, 3, 3, 3), torch.randn(10, 20), torch.zeros(5)]
+    gs = [torch.randn_like(w) for w in ws]
+    params = [torch.nn.Parameter(w.clone()) for w in ws]
+    for p, g in zip(params, gs):
+        p.grad = g.clone()
+    opt = psgd.PSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3, bits=bits, lambda_s=24.0,
+                    eps=1e-3)
+    opt.step()
+    for w, g, p in zip(ws, gs, params):
+        s = psgd.position_scale(w, psgd.position_target(w, bits), 24.0, 1e-3)
+        d = (g * s).add(w, alpha=1e-3)  # the first step: the momentum buffer is d itself
+        assert torch.equal(p.detach(), w.add(d, alpha=-0.1))

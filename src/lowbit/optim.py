@@ -30,7 +30,7 @@ def checked_gradients(optimizer: torch.optim.Optimizer, name: str
                          f"{sparse}); use dense gradients (e.g. nn.Embedding(sparse=False))"
                          "; no parameter was updated")
     if grads:
-        peaks = torch.stack([torch.linalg.vector_norm(p.grad, math.inf) for _, p in grads])
+        peaks = torch.stack(torch._foreach_norm([p.grad for _, p in grads], math.inf))
         if not bool(torch.isfinite(peaks).all()):
             bad = [i for i, v in enumerate(peaks.tolist()) if not math.isfinite(v)]
             shapes = [tuple(grads[i][1].shape) for i in bad]

@@ -32,6 +32,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd
 
 from .optim import checked_gradients, run_closure
 from .quant import check_bits, quantizable_layers, quantize_symmetric
@@ -163,27 +164,60 @@ class PSGD(torch.optim.Optimizer):
         return torch.where(absmax > 0, absmax, torch.ones_like(absmax)) / \
             (2 ** (group["bits"] - 1) - 1)
 
+    def _foreach_scale(self, ps: list[torch.Tensor], group: dict) -> list[torch.Tensor] | None:
+        """s(w) for every parameter of a group at once (multi-tensor ``_foreach`` ops, the
+        same arithmetic as :func:`position_target` and :func:`position_scale`): for the
+        plain scale with the grid's range taken from the current weights, or aimed at 0.
+        None for the other settings, which take one parameter at a time."""
+        if group["normalized"] or group["delta"] is not None or (
+                group["bits"] is not None and group["grid_range"] != "current"):
+            return None
+        if group["bits"] is None:  # pruning: the target is 0, |w − 0| = |w|
+            d = torch._foreach_abs(ps)
+        else:
+            qmax = 2 ** (group["bits"] - 1) - 1
+            peaks = torch.stack(torch._foreach_norm(ps, math.inf))  # max|w| of each tensor
+            if not bool(torch.isfinite(peaks).all()):
+                bad = [tuple(p.shape) for p, v in zip(ps, peaks.tolist()) if not math.isfinite(v)]
+                raise ValueError(f"non-finite weights in parameter(s) with shapes {bad}; "
+                                 "no parameter was updated")
+            deltas = list(torch.where(peaks > 0, peaks / qmax, torch.ones_like(peaks)).unbind())
+            d = torch._foreach_div(ps, deltas)  # Q(w) = Δ · clamp(round(w / Δ))
+            torch._foreach_round_(d)
+            torch._foreach_clamp_min_(d, -qmax)
+            torch._foreach_clamp_max_(d, qmax)
+            torch._foreach_mul_(d, deltas)
+            torch._foreach_sub_(d, ps)
+            torch._foreach_abs_(d)
+        torch._foreach_mul_(d, group["lambda_s"])  # s = λ_s·|w − Q(w)| + ε
+        torch._foreach_add_(d, group["eps"])
+        return d
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = run_closure(closure)
-        grads = checked_gradients(self, "PSGD")  # everything checked before anything changes
-        for group, p in grads:
-            g = p.grad
+        checked_gradients(self, "PSGD")  # everything checked before anything changes
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            grads = [p.grad for p in ps]
             if group["scaled"]:
-                target = position_target(p, group["bits"], self._delta(p, group))
-                g = g * position_scale(p, target, group["lambda_s"], group["eps"],
-                                       group["normalized"])
-            if group["weight_decay"]:
-                g = g.add(p, alpha=group["weight_decay"])
+                scales = self._foreach_scale(ps, group)
+                if scales is None:
+                    scales = [position_scale(p, position_target(p, group["bits"], self._delta(p, group)),
+                                             group["lambda_s"], group["eps"], group["normalized"])
+                              for p in ps]
+                grads = torch._foreach_mul(grads, scales)
+            # then exactly torch.optim.SGD's update (its multi-tensor path): weight decay,
+            # momentum, Nesterov, on the scaled gradient
+            bufs = [self.state[p].get("momentum_buffer") for p in ps]
+            sgd(ps, grads, bufs, foreach=True, weight_decay=group["weight_decay"],
+                momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                nesterov=group["nesterov"], maximize=False)
             if group["momentum"]:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = g.detach().clone()
-                else:
-                    buf.mul_(group["momentum"]).add_(g, alpha=1 - group["dampening"])
-                g = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-            p.add_(g, alpha=-group["lr"])
+                for p, buf in zip(ps, bufs):
+                    self.state[p]["momentum_buffer"] = buf
         return loss
 
 

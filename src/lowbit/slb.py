@@ -622,9 +622,11 @@ def convert(model: nn.Module, bits: int, act_bits: int | None = None, sbn: bool 
 
 
 @torch.no_grad()
+@torch.no_grad()
 def update_discrete_stats(model: nn.Module, x: torch.Tensor) -> None:
-    """Run ``x`` through the discrete network in training mode without gradients: the
-    discrete statistics of every state BN see the batch (the second pass of SBN)."""
+    """Run ``x`` through the discrete network in training mode without gradients (no graph
+    is recorded): the discrete statistics of every state BN see the batch (the second pass
+    of SBN)."""
     was = model.training
     model.train()
     with use_state(model, "discrete"):
