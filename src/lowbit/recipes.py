@@ -19,7 +19,7 @@ from .train import History, evaluate, fit, seed_everything
 
 __all__ = ["Recipe", "PSGDConfig", "Start", "SLBConfig", "train_slb", "fit_slb", "train_fqt",
            "loaders", "build", "train_fp", "train_qat", "finetune", "l1_penalty",
-           "WEIGHT_METHODS", "LowBitConfig", "build_lowbit", "lowbit_optimizer", "train_lowbit",
+           "WEIGHT_METHODS", "LowBitConfig", "lowbit_form", "build_lowbit", "lowbit_optimizer", "train_lowbit",
            "deploy", "SideBySide", "SIDE_BY_SIDE", "SIDE_BY_SIDE_FULL", "QAT_METHODS", "prune_gradual", "train_snip", "train_bop"]
 
 #: The QAT methods of :func:`train_qat`: the straight-through estimator on the book's grid,
@@ -546,15 +546,6 @@ SIDE_BY_SIDE = SideBySide()
 SIDE_BY_SIDE_FULL = SideBySide("cnn", 32, 10, 7)
 
 
-def _with_grads(model: nn.Module, cfg: LowBitConfig, seed: int) -> nn.Module:
-    if cfg.grad_quantizer is None:
-        return model
-    model = fqt_.wrap(model, cfg.grad_quantizer, cfg.grad_bits)
-    device = next(model.parameters()).device
-    fqt_.configure(model, generator=torch.Generator(device=device).manual_seed(seed))
-    return model
-
-
 def deploy(model: nn.Module, cfg: LowBitConfig) -> nn.Module:
     """The low-bit model a trained :func:`train_lowbit` model stands for: data-free
     quantization of the weights (and, from BatchNorm, the activations) for SGD and PSGD;
@@ -567,15 +558,27 @@ def deploy(model: nn.Module, cfg: LowBitConfig) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
-def build_lowbit(r: Recipe, cfg: LowBitConfig) -> nn.Module:
-    """The recipe's untrained model in the form ``cfg`` trains: STE-QAT layers, SLB layers
-    (with state BN), or plain; each layer wrapped for quantized gradients if asked."""
-    m = build(r)
+def lowbit_form(model: nn.Module, cfg: LowBitConfig, seed: int) -> nn.Module:
+    """``model`` in the form ``cfg`` trains: STE-QAT layers, SLB layers (with state BN,
+    initialised from ``seed``), or plain; each layer wrapped for quantized gradients if
+    asked (their random generator is not set: :func:`lowbit.fqt.configure`)."""
     if cfg.weights == "ste":
-        m = quant.prepare_qat(m, cfg.weight_bits, cfg.act_bits)
+        model = quant.prepare_qat(model, cfg.weight_bits, cfg.act_bits)
     elif cfg.weights == "slb":
-        m = slb_.convert(m, cfg.weight_bits, cfg.act_bits, seed=r.seed)
-    return _with_grads(m, cfg, r.seed)
+        model = slb_.convert(model, cfg.weight_bits, cfg.act_bits, seed=seed)
+    if cfg.grad_quantizer is not None:
+        model = fqt_.wrap(model, cfg.grad_quantizer, cfg.grad_bits)
+    return model
+
+
+def build_lowbit(r: Recipe, cfg: LowBitConfig) -> nn.Module:
+    """The recipe's untrained model in the form ``cfg`` trains (:func:`lowbit_form`), its
+    quantized gradients drawn from a generator seeded with the recipe's seed."""
+    m = lowbit_form(build(r), cfg, r.seed)
+    if cfg.grad_quantizer is not None:
+        device = next(m.parameters()).device
+        fqt_.configure(m, generator=torch.Generator(device=device).manual_seed(r.seed))
+    return m
 
 
 def lowbit_optimizer(model: nn.Module, r: Recipe, cfg: LowBitConfig

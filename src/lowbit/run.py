@@ -46,7 +46,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -192,17 +192,6 @@ def _plain_model(cfg: RunConfig, input_shape: tuple[int, ...]) -> nn.Module:
     return models.build_model(cfg.model, input_shape)
 
 
-def _lowbit_form(model: nn.Module, lb: recipes.LowBitConfig, seed: int) -> nn.Module:
-    """``model`` in the form the low-bit phase trains (as :func:`lowbit.recipes.build_lowbit`)."""
-    if lb.weights == "ste":
-        model = quant.prepare_qat(model, lb.weight_bits, lb.act_bits)
-    elif lb.weights == "slb":
-        model = slb.convert(model, lb.weight_bits, lb.act_bits, seed=seed)
-    if lb.grad_quantizer is not None:
-        model = fqt.wrap(model, lb.grad_quantizer, lb.grad_bits)
-    return model
-
-
 def _phases(lb: recipes.LowBitConfig) -> list[tuple[str, int]]:
     """``(name, epochs)`` of each phase: STE-QAT and PSGD start with SGD, as in the book."""
     if lb.weights in ("ste", "psgd"):
@@ -319,7 +308,7 @@ def _make_phase(index: int, cfg: RunConfig, lb: recipes.LowBitConfig, data: _Dat
     if name == "start":
         model = base
     else:
-        model = _lowbit_form(base, lb, cfg.seed)
+        model = recipes.lowbit_form(base, lb, cfg.seed)
         if previous is not None:  # the low-bit phase starts where SGD ended
             start = quant.prepare_qat(previous, lb.weight_bits, lb.act_bits) \
                 if lb.weights == "ste" else previous
@@ -344,10 +333,6 @@ def _evaluate(model: nn.Module, data: _Data, where: _Dist, batch: int = 512) -> 
     model.train(was)
     loss, correct = where.sum(loss, correct)
     return loss / n, 100.0 * correct / n
-
-
-def _deploy(model: nn.Module, lb: recipes.LowBitConfig) -> nn.Module:
-    return recipes.deploy(model, lb)
 
 
 def _write_csv(path: Path, history: History) -> None:
@@ -473,7 +458,7 @@ def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) 
             write_entry(out / CHECKPOINT, payload.getvalue())
             _write_csv(out / "metrics.csv", history)
     bar.close()
-    deployed = _deploy(phase.model, lb)
+    deployed = recipes.deploy(phase.model, lb)
     _, deployed_acc = _evaluate(deployed, data, where)
     result = {"method": cfg.method, "setting": lb.name, "epochs": lb.epochs,
               "processes": where.world, "test_acc": history.test_acc[-1],
