@@ -26,8 +26,12 @@ from pathlib import Path
 A4_WIDTH_PX = 794
 MARGIN_MM = 14
 #: What the printed page hides or opens beyond the theme's own print style: the navigation
-#: that has no use on paper, and the folded code of figures (its output stays).
+#: that has no use on paper, and the folded code of figures (its output stays). Shadows go
+#: too: Chromium prints each one as a 300 dpi greyscale image, which made 7.6 MB of the PDF
+#: (the theme's own shadows are !important, hence the id selector that outranks them).
 PRINT_CSS = """
+:not(#no-shadow), :not(#no-shadow)::before, :not(#no-shadow)::after
+  { box-shadow: none !important; text-shadow: none !important; filter: none !important; }
 .bd-header, .bd-sidebar-primary, .bd-sidebar-secondary, .header-article, .prev-next-area,
 .bd-footer, .bd-footer-content, .headerlink, details.hide.above-input
   { display: none !important; }
