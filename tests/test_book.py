@@ -65,14 +65,22 @@ def test_vendor_js_failure_takes_the_cdn_fallback(tmp_path, monkeypatch):
     def broken(dest):
         raise TypeError("extractall() got an unexpected keyword argument 'filter'")
 
+    def no_bundle(out, banner):
+        raise subprocess.CalledProcessError(1, ["npm", "install"], stderr="E404 plotly.js")
+
     monkeypatch.setattr(mod, "_fetch", broken)
-    monkeypatch.setattr(mod.shutil, "which", lambda name: "/usr/bin/npm")
+    monkeypatch.setattr(mod, "_bundle_plotly", no_bundle)
+    monkeypatch.setattr(mod.shutil, "which", lambda name: f"/usr/bin/{name}")
     config = SimpleNamespace(html_extra_path=[], nb_ipywidgets_js=None, mathjax_path=None)
     mod.configure(SimpleNamespace(confdir=str(tmp_path)), config)   # does not raise
     assert config.nb_ipywidgets_js is None and config.mathjax_path is None  # CDN defaults
-    # plotly.js needs no npm: the plotly package's own copy is served either way
+    # plotly.js needs no npm: without its partial bundle, the plotly package's full copy
     assert config.html_extra_path == [str(tmp_path / "_build" / ".jsdeps")]
-    assert (tmp_path / "_build" / ".jsdeps" / "vendor" / "plotly.min.js").stat().st_size > 1e6
+    import plotly
+    full = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    served = tmp_path / "_build" / ".jsdeps" / "vendor" / "plotly.min.js"
+    assert served.read_bytes() == full.read_bytes()
+
 
 
 def _book_with_env(**env):
