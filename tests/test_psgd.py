@@ -154,8 +154,9 @@ def test_sparsity_and_mse_helpers():
     assert math.isclose(psgd.sparsity(net, threshold=1.0), 1.0)
 
 
+@pytest.mark.parametrize("eps", [1e-3, 0.0])
 @pytest.mark.parametrize("bits", [4, 2, None])
-def test_multi_tensor_step_is_the_per_parameter_formula(bits):
+def test_multi_tensor_step_is_the_per_parameter_formula(bits, eps):
     """PSGD's _foreach path (plain scale, current range, or aimed at 0) computes, bit for
     bit, w ← w − lr·(momentum buffer of s(w)·g + wd·w), s from position_scale/position_target."""
     torch.manual_seed(0)
@@ -165,9 +166,63 @@ def test_multi_tensor_step_is_the_per_parameter_formula(bits):
     for p, g in zip(params, gs):
         p.grad = g.clone()
     opt = psgd.PSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3, bits=bits, lambda_s=24.0,
-                    eps=1e-3)
+                    eps=eps)
     opt.step()
     for w, g, p in zip(ws, gs, params):
-        s = psgd.position_scale(w, psgd.position_target(w, bits), 24.0, 1e-3)
+        s = psgd.position_scale(w, psgd.position_target(w, bits), 24.0, eps)
         d = (g * s).add(w, alpha=1e-3)  # the first step: the momentum buffer is d itself
         assert torch.equal(p.detach(), w.add(d, alpha=-0.1))
+
+
+def test_groups_updated_together_as_each_alone():
+    """Groups that share settings are computed in one multi-tensor call: the same bits as
+    one optimizer per group, over several steps (momentum), for the book's CNN groups plus
+    groups that differ (another lr, running range, normalized, unscaled)."""
+    from lowbit.models import SmallCNN
+    torch.manual_seed(0)
+    a, b = SmallCNN(), SmallCNN()
+    b.load_state_dict(a.state_dict())
+
+    def groups(net):
+        gs = psgd.param_groups(net, bits=4)
+        gs[0] = {**gs[0], "lr": 0.05}
+        gs.append({"params": [gs[2]["params"].pop()], "grid_range": "running"})
+        gs.append({"params": [gs[2]["params"].pop()], "normalized": True, "eps": 1e-3})
+        return gs
+
+    together = psgd.PSGD(groups(a), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    alone = [psgd.PSGD([g], lr=0.01, momentum=0.9, weight_decay=5e-4) for g in groups(b)]
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        for net, opts in ((a, [together]), (b, alone)):
+            for o in opts:
+                o.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            for o in opts:
+                o.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gradient_check_finds_every_non_finite_value(bad, dtype):
+    """The fused check (lowbit.optim.all_finite) sees NaN, +inf and -inf in any tensor and
+    dtype, an empty tensor among them included, and leaves the gradients' bits as they were."""
+    from lowbit.optim import all_finite, max_abs
+    ts = [torch.randn(5, dtype=dtype), torch.empty(0, dtype=dtype), torch.randn(3, 4).double()]
+    before = [t.clone() for t in ts]
+    assert all_finite(ts) and all(torch.equal(a, b) for a, b in zip(ts, before))
+    assert max_abs(ts).tolist() == [float(ts[0].abs().max()), 0.0, float(ts[2].abs().max())]
+    ts[0][3] = bad
+    assert not all_finite(ts)
+    assert not math.isfinite(max_abs(ts)[0].item())
+    assert all_finite([]) and all_finite([torch.empty(0)])
+
+
+def test_non_finite_weights_are_named_and_nothing_moves():
+    a = _param([0.3, float("inf")], [1.0, 1.0])
+    opt = psgd.PSGD([a], lr=0.1, bits=4)
+    with pytest.raises(ValueError, match=r"non-finite weights .*\(2,\).*no parameter"):
+        opt.step()
+    assert len(opt.state) == 0

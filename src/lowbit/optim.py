@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["run_closure", "checked_gradients"]
+__all__ = ["run_closure", "checked_gradients", "max_abs", "all_finite"]
 
 
 def run_closure(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
@@ -17,6 +17,35 @@ def run_closure(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | No
         return None
     with torch.enable_grad():
         return closure()
+
+
+def max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """max|t| of each tensor, as one 1-D tensor (NaN where a tensor holds one, 0 for an empty
+    one): multi-tensor ops, several times faster on a CPU than ``_foreach_norm(ts, inf)``."""
+    full = [t for t in tensors if t.numel()]
+    peaks = torch._foreach_max(torch._foreach_abs(full)) if full else []
+    it = iter(peaks)
+    return torch.stack([next(it) if t.numel() else t.new_zeros(()) for t in tensors])
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite: one fused pass over the tensors of a
+    device and dtype (the non-finite check of torch.amp's GradScaler, run with an unscale by
+    1, which changes no bit), and one synchronization."""
+    if not tensors:
+        return True
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    found = []
+    for (device, _), ts in by_kind.items():
+        flag = torch.zeros((), device=device)
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(ts, flag, torch.ones((), device=device))
+        except RuntimeError:  # a dtype the fused check does not take
+            flag = (~torch.isfinite(max_abs(ts))).any().float()
+        found.append(flag.to(tensors[0].device))
+    return not bool(found[0] if len(found) == 1 else torch.stack(found).any())
 
 
 def checked_gradients(optimizer: torch.optim.Optimizer, name: str
@@ -29,11 +58,10 @@ def checked_gradients(optimizer: torch.optim.Optimizer, name: str
         raise ValueError(f"{name} does not take sparse gradients (parameters of shapes "
                          f"{sparse}); use dense gradients (e.g. nn.Embedding(sparse=False))"
                          "; no parameter was updated")
-    if grads:
-        peaks = torch.stack(torch._foreach_norm([p.grad for _, p in grads], math.inf))
-        if not bool(torch.isfinite(peaks).all()):
-            bad = [i for i, v in enumerate(peaks.tolist()) if not math.isfinite(v)]
-            shapes = [tuple(grads[i][1].shape) for i in bad]
-            raise ValueError(f"non-finite gradient in {len(bad)} parameter(s) with shapes "
-                             f"{shapes}; no parameter was updated")
+    if grads and not all_finite([p.grad for _, p in grads]):
+        peaks = max_abs([p.grad for _, p in grads])  # which ones, for the message
+        bad = [i for i, v in enumerate(peaks.tolist()) if not math.isfinite(v)]
+        shapes = [tuple(grads[i][1].shape) for i in bad]
+        raise ValueError(f"non-finite gradient in {len(bad)} parameter(s) with shapes "
+                         f"{shapes}; no parameter was updated")
     return grads

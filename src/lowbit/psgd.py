@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import copy
 import math
+import struct
 from typing import Iterable
 
 import torch
 from torch import nn
 from torch.optim.sgd import sgd
 
-from .optim import checked_gradients, run_closure
+from .optim import checked_gradients, max_abs, run_closure
 from .quant import check_bits, quantizable_layers, quantize_symmetric
 
 __all__ = ["position_target", "position_scale", "warp", "PSGD", "param_groups", "sparsity",
@@ -164,61 +165,104 @@ class PSGD(torch.optim.Optimizer):
         return torch.where(absmax > 0, absmax, torch.ones_like(absmax)) / \
             (2 ** (group["bits"] - 1) - 1)
 
-    def _foreach_scale(self, ps: list[torch.Tensor], group: dict) -> list[torch.Tensor] | None:
-        """s(w) for every parameter of a group at once (multi-tensor ``_foreach`` ops, the
-        same arithmetic as :func:`position_target` and :func:`position_scale`): for the
-        plain scale with the grid's range taken from the current weights, or aimed at 0.
-        None for the other settings, which take one parameter at a time."""
-        if group["normalized"] or group["delta"] is not None or (
-                group["bits"] is not None and group["grid_range"] != "current"):
-            return None
-        if group["bits"] is None:  # pruning: the target is 0, |w − 0| = |w|
+    @staticmethod
+    def _takes_foreach(group: dict) -> bool:
+        """The plain scale with the grid's range taken from the current weights, or aimed at
+        0: the settings :meth:`_foreach_scale` computes for many tensors at once."""
+        return not (group["normalized"] or group["delta"] is not None or (
+            group["bits"] is not None and group["grid_range"] != "current"))
+
+    @staticmethod
+    def _foreach_scale(ps: list[torch.Tensor], bits: int | None, lambda_s: float,
+                       eps: float) -> list[torch.Tensor]:
+        """s(w) for many parameters at once (multi-tensor ``_foreach`` ops), bit for bit the
+        arithmetic of :func:`position_target` and :func:`position_scale`. Two of their
+        steps are left out because here they change no bit: the clamp to ±qmax (with
+        Δ = max|w| / qmax, |w / Δ| rounds to qmax at most) and adding ε = 0."""
+        if bits is None:  # pruning: the target is 0, |w − 0| = |w|
             d = torch._foreach_abs(ps)
         else:
-            qmax = 2 ** (group["bits"] - 1) - 1
-            peaks = torch.stack(torch._foreach_norm(ps, math.inf))  # max|w| of each tensor
-            if not bool(torch.isfinite(peaks).all()):
-                bad = [tuple(p.shape) for p, v in zip(ps, peaks.tolist()) if not math.isfinite(v)]
+            qmax = 2 ** (bits - 1) - 1
+            peaks = max_abs(ps)  # max|w| of each tensor
+            values = peaks.tolist()  # (on a GPU, a synchronization)
+            if not all(map(math.isfinite, values)):
+                bad = [tuple(p.shape) for p, v in zip(ps, values) if not math.isfinite(v)]
                 raise ValueError(f"non-finite weights in parameter(s) with shapes {bad}; "
                                  "no parameter was updated")
-            deltas = list(torch.where(peaks > 0, peaks / qmax, torch.ones_like(peaks)).unbind())
-            d = torch._foreach_div(ps, deltas)  # Q(w) = Δ · clamp(round(w / Δ))
+            if peaks.device.type == "cpu":
+                # Δ = max|w| / qmax rounded to the weights' dtype, as the tensors compute it
+                # (a division in double precision, then rounded, is the float32 one, as
+                # 53 ≥ 2·24 + 2), passed as plain numbers: on a CPU, right after the backward
+                # pass, the few small tensor ops cost more than the arithmetic
+                deltas = [_rounded(v / qmax, p.dtype) if v > 0 else 1.0
+                          for p, v in zip(ps, values)]
+            else:  # 0-d tensors on the device (a CUDA division by a plain number may
+                # multiply by its reciprocal instead, which is not the same rounding)
+                deltas = list(torch.where(peaks > 0, peaks / qmax, 1.0).unbind())
+            d = torch._foreach_div(ps, deltas)  # Q(w) = Δ · round(w / Δ)
             torch._foreach_round_(d)
-            torch._foreach_clamp_min_(d, -qmax)
-            torch._foreach_clamp_max_(d, qmax)
             torch._foreach_mul_(d, deltas)
             torch._foreach_sub_(d, ps)
             torch._foreach_abs_(d)
-        torch._foreach_mul_(d, group["lambda_s"])  # s = λ_s·|w − Q(w)| + ε
-        torch._foreach_add_(d, group["eps"])
+        torch._foreach_mul_(d, lambda_s)  # s = λ_s·|w − Q(w)| + ε
+        if eps != 0:
+            torch._foreach_add_(d, eps)
         return d
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = run_closure(closure)
         checked_gradients(self, "PSGD")  # everything checked before anything changes
-        for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            if not ps:
+        # [group, parameters, gradients] for every group with a gradient
+        todo = [[g, ps, [p.grad for p in ps]] for g in self.param_groups
+                if (ps := [p for p in g["params"] if p.grad is not None])]
+        # Groups that agree on a setting are computed together, one multi-tensor call per
+        # setting (param_groups gives the first and last layers groups of their own)
+        together: dict[tuple, list] = {}
+        for item in todo:
+            g, ps, grads = item
+            if not g["scaled"]:
                 continue
-            grads = [p.grad for p in ps]
-            if group["scaled"]:
-                scales = self._foreach_scale(ps, group)
-                if scales is None:
-                    scales = [position_scale(p, position_target(p, group["bits"], self._delta(p, group)),
-                                             group["lambda_s"], group["eps"], group["normalized"])
-                              for p in ps]
-                grads = torch._foreach_mul(grads, scales)
-            # then exactly torch.optim.SGD's update (its multi-tensor path): weight decay,
-            # momentum, Nesterov, on the scaled gradient
+            if self._takes_foreach(g):
+                together.setdefault((g["bits"], g["lambda_s"], g["eps"]), []).append(item)
+            else:
+                item[2] = torch._foreach_mul(grads, [
+                    position_scale(p, position_target(p, g["bits"], self._delta(p, g)),
+                                   g["lambda_s"], g["eps"], g["normalized"]) for p in ps])
+        for (bits, lambda_s, eps), items in together.items():
+            ps = [p for _, group_ps, _ in items for p in group_ps]
+            scaled = torch._foreach_mul([gr for *_, grads in items for gr in grads],
+                                        self._foreach_scale(ps, bits, lambda_s, eps))
+            for item in items:
+                item[2], scaled = scaled[:len(item[1])], scaled[len(item[1]):]
+        # then exactly torch.optim.SGD's update: weight decay,
+        # momentum, Nesterov, on the scaled gradient
+        updates: dict[tuple, list] = {}
+        for item in todo:
+            updates.setdefault(tuple(item[0][k] for k in _SGD_SETTINGS), []).append(item)
+        for key, items in updates.items():
+            ps = [p for _, group_ps, _ in items for p in group_ps]
             bufs = [self.state[p].get("momentum_buffer") for p in ps]
-            sgd(ps, grads, bufs, foreach=True, weight_decay=group["weight_decay"],
-                momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
-                nesterov=group["nesterov"], maximize=False)
-            if group["momentum"]:
+            # (foreach=None: torch.optim.SGD's own choice, multi-tensor on GPUs)
+            sgd(ps, [gr for *_, grads in items for gr in grads], bufs, foreach=None,
+                maximize=False, **dict(zip(_SGD_SETTINGS, key)))
+            if key[_SGD_SETTINGS.index("momentum")]:
                 for p, buf in zip(ps, bufs):
                     self.state[p]["momentum_buffer"] = buf
         return loss
+
+
+def _rounded(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded to the nearest value of ``dtype`` (ties to even), as a Python float."""
+    if dtype == torch.float64:
+        return x
+    if dtype == torch.float32:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    return torch.tensor(x, dtype=dtype).item()
+
+
+#: The settings of torch.optim.SGD's update, by which PSGD updates groups together.
+_SGD_SETTINGS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
 
 def param_groups(model: nn.Module, bits: int | None = 4, first_last_bits: int | None = None,
