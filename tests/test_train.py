@@ -156,3 +156,45 @@ def test_side_by_side_is_one_setting_for_part_iv():
     assert recipes.SIDE_BY_SIDE_FULL.model == "cnn"
     with pytest.raises(ValueError, match="weights"):
         part.config("xyz", 2)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_channels_last_max_pool_is_nn_max_pool_bit_for_bit(ties):
+    """lowbit.models.MaxPool2d (channels-last on a CPU) gives nn.MaxPool2d's output and
+    gradient exactly, ties included (quantized inputs have many), and hands the gradient
+    back in the usual layout (a ReLU backward with mixed layouts is 30x slower)."""
+    from torch import nn
+    from lowbit.models import MaxPool2d
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 10, 10)
+    if ties:
+        x = (x * 2).round().clamp(0, 3)
+    g = torch.randn(4, 6, 5, 5)
+    outs = []
+    for pool in (MaxPool2d(2), nn.MaxPool2d(2)):
+        xi = x.clone().requires_grad_()
+        y = pool(torch.relu(xi))
+        y.backward(g)
+        outs.append((y, xi.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert outs[0][0].is_contiguous() and outs[0][1].is_contiguous()
+
+
+def test_small_cnn_trains_as_with_nn_max_pool():
+    """Three SGD steps of the book's CNN end on the same weights, bit for bit, whichever
+    max-pool it uses: the faster pooling changes no number the book reports."""
+    from torch import nn
+    torch.manual_seed(0)
+    a = models.SmallCNN()
+    b = models.SmallCNN()
+    b.load_state_dict(a.state_dict())
+    b.features = nn.Sequential(*[nn.MaxPool2d(2) if isinstance(m, models.MaxPool2d) else m
+                                 for m in b.features])
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    for net in (a, b):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

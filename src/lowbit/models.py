@@ -6,11 +6,39 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["SmallCNN", "MLP", "ResNet20", "resnet20", "TinyTransformer", "build_model"]
+__all__ = ["SmallCNN", "MaxPool2d", "MLP", "ResNet20", "resnet20", "TinyTransformer", "build_model"]
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that pools a CPU tensor in the channels-last layout and hands the
+    result back in the usual one: the same output and the same gradient, bit for bit (a max
+    is exact, and a tie sends the gradient to the same element in both layouts; a test
+    checks), in a quarter of the time for the book's CNN on a CPU, where PyTorch's kernel
+    for the usual layout is the slow one (1 ms of a 7 ms training step, measured by
+    ``python -m lowbit.bench``). Elsewhere it is ``nn.MaxPool2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or self.return_indices:
+            return super().forward(x)
+        return super().forward(_ChannelsLast.apply(x)).contiguous()
+
+
+class _ChannelsLast(torch.autograd.Function):
+    """``x`` in the channels-last layout; its gradient goes back in the usual one (an
+    elementwise backward such as ReLU's runs 30x slower on a CPU when its two tensors
+    differ in layout)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 class SmallCNN(nn.Module):
@@ -26,7 +54,7 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         c, size = in_channels, image_size
         for w in widths:
-            layers += _conv_bn_relu(c, w) + [nn.MaxPool2d(2)]
+            layers += _conv_bn_relu(c, w) + [MaxPool2d(2)]
             c, size = w, size // 2
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c * size * size, num_classes)
