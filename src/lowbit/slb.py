@@ -622,7 +622,6 @@ def convert(model: nn.Module, bits: int, act_bits: int | None = None, sbn: bool 
 
 
 @torch.no_grad()
-@torch.no_grad()
 def update_discrete_stats(model: nn.Module, x: torch.Tensor) -> None:
     """Run ``x`` through the discrete network in training mode without gradients (no graph
     is recorded): the discrete statistics of every state BN see the batch (the second pass
