@@ -1,4 +1,6 @@
+import importlib.util
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,6 +8,21 @@ import torch
 
 # as the book's notebooks run (lowbit.book.setup): subnormal floats slow CPU kernels ~10x
 torch.set_flush_denormal(True)
+
+
+def book_extension(name: str):
+    """The book's Sphinx extension book/_ext/``name``.py, imported from its file (book/_ext
+    is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "book" / "_ext" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def widget_js():
+    """book/_ext/widget_js.py, which serves the book's JavaScript."""
+    return book_extension("widget_js")
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """The book's own machinery: the perturbation switch and claims (lowbit.book), and the
 build extension that unpacks the vendored JavaScript (book/_ext/widget_js.py)."""
-import importlib.util
 import io
 import math
 import subprocess
@@ -13,16 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import book_extension, widget_js
 from lowbit import book
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _widget_js():
-    spec = importlib.util.spec_from_file_location("widget_js", ROOT / "book/_ext/widget_js.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _tarball(path: Path, members: dict[str, bytes]) -> Path:
@@ -37,13 +30,13 @@ def _tarball(path: Path, members: dict[str, bytes]) -> Path:
 def test_safe_extract_with_the_running_python(tmp_path):
     tgz = _tarball(tmp_path / "p.tgz", {"package/dist/embed-amd.js": b"x" * 10,
                                         "package/package.json": b"{}"})
-    _widget_js().safe_extract(tgz, tmp_path / "out")
+    widget_js().safe_extract(tgz, tmp_path / "out")
     assert (tmp_path / "out/package/dist/embed-amd.js").read_bytes() == b"x" * 10
 
 
 @pytest.mark.parametrize("has_filter", [True, False])
 def test_safe_extract_refuses_paths_outside(tmp_path, monkeypatch, has_filter):
-    mod = _widget_js()
+    mod = widget_js()
     if not has_filter:  # as on Python 3.11.2, which has no tarfile.data_filter
         monkeypatch.delattr(tarfile, "data_filter", raising=False)
     tgz = _tarball(tmp_path / "evil.tgz", {"../escaped.txt": b"no"})
@@ -55,12 +48,12 @@ def test_safe_extract_refuses_paths_outside(tmp_path, monkeypatch, has_filter):
 def test_safe_extract_without_the_filter_keyword(tmp_path, monkeypatch):
     monkeypatch.delattr(tarfile, "data_filter", raising=False)
     tgz = _tarball(tmp_path / "p.tgz", {"package/a/b.js": b"ok"})
-    _widget_js().safe_extract(tgz, tmp_path / "out")
+    widget_js().safe_extract(tgz, tmp_path / "out")
     assert (tmp_path / "out/package/a/b.js").read_bytes() == b"ok"
 
 
 def test_vendor_js_failure_takes_the_cdn_fallback(tmp_path, monkeypatch):
-    mod = _widget_js()
+    mod = widget_js()
 
     def broken(dest):
         raise TypeError("extractall() got an unexpected keyword argument 'filter'")
@@ -175,9 +168,7 @@ def test_execution_patch_repolls_a_socket_whose_wakeup_was_lost():
     import asyncio
     from queue import Empty
 
-    spec = importlib.util.spec_from_file_location("execution", ROOT / "book/_ext/execution.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = book_extension("execution")
     mod.SLICE = 0.05
 
     class Socket:  # never wakes a poll: a message counts only when a poll starts

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from bs4 import BeautifulSoup
+from conftest import widget_js
 
 HTML = Path(__file__).resolve().parents[1] / "_build" / "html"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -136,7 +137,7 @@ def test_site_is_light():
     # plotly's partial bundle of the book's traces, of the plotly.js release that the plotly
     # package writing the figures ships (npm is part of the setup, so no full-copy fallback)
     with open(served) as f:
-        assert f.readline().strip() == _widget_js().plotly_banner(), \
+        assert f.readline().strip() == widget_js().plotly_banner(), \
             "the site serves the full plotly.js, not the book's partial bundle"
 
 
@@ -174,19 +175,11 @@ def _text(title) -> str:
 FIGURE_PAGES = [p for p in PAGES if "Plotly.newPlot" in (HTML / p).read_text()]
 
 
-def _widget_js():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("widget_js", HTML.parents[1] / "book/_ext/widget_js.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("page", FIGURE_PAGES)
 def test_every_trace_type_is_in_the_sites_plotly(page):
     """The site's plotly.js holds only the trace types in widget_js.PLOTLY_TRACES: a figure
     of another type would draw empty, so each one drawn must be one of them."""
-    allowed = set(_widget_js().PLOTLY_TRACES)
+    allowed = set(widget_js().PLOTLY_TRACES)
     for traces, layout in figures(page):
         kinds = {t.get("type", "scatter") for t in traces}
         assert kinds <= allowed, f"{page}: {_text(layout.get('title'))!r} draws {kinds - allowed}," \
