@@ -74,7 +74,8 @@ def test_rounding_up_probability_is_the_fractional_part(frac):
 
 @pytest.mark.skipif(fqt.compiled is None, reason="numba is not installed")
 @pytest.mark.parametrize("copies", [((4, "pt"), (8, "pt")), ((8, "psq"),), ((8, "column"),),
-                                    ((2, "psq"), (8, "column")), ((4, "pt_minmax"), (8, "pt_minmax"))])
+                                    ((2, "psq"), (8, "column")), ((4, "pt_minmax"), (8, "pt_minmax")),
+                                    ((4, "bhq"), (8, "column")), ((2, "bhq"),)])
 def test_compiled_loop_gives_the_numbers_of_the_torch_operations(copies):
     x = torch.randn(32, 500, generator=torch.Generator().manual_seed(0))
     x *= torch.logspace(-8, 3, 32).unsqueeze(1)  # rows from tiny to large ranges
@@ -528,3 +529,48 @@ def test_unknown_quantizer_is_named_and_the_papers_name_explained():
         fqt.quantize_gradient(g, 4, "ptq")
     with pytest.raises(ValueError, match="'nope'"):
         fqt.quantize_gradient(g, 4, "nope")
+
+
+@pytest.mark.skipif(fqt.compiled is None, reason="numba is not installed")
+@pytest.mark.parametrize("bits", [1, 3, 5, 6, 7, 12, 16])
+def test_compiled_loop_matches_at_every_width(bits):
+    # the grid's scales (1/span·B and span·(1/B)) in the loop round as torch's do
+    x = torch.randn(7, 300, generator=torch.Generator().manual_seed(bits))
+    x *= torch.logspace(-6, 4, 7).unsqueeze(1)
+    for copies in (((bits, "psq"), (8, "column")), ((bits, "pt"),), ((bits, "pt_minmax"),),
+                   ((bits, "bhq"), (8, "column"))):
+        a = fqt.quantize_copies_compiled(x, copies, torch.Generator().manual_seed(2),
+                                         fqt.Workspace(x))
+        b = fqt.quantize_copies(x, copies, torch.Generator().manual_seed(2))
+        for p, q in zip(a, b):
+            assert torch.equal(p, q), (bits, copies)
+
+
+@pytest.mark.skipif(fqt.compiled is None, reason="numba is not installed")
+@pytest.mark.parametrize("n_groups", [1, 3, 8, None])
+def test_compiled_reflection_gives_the_numbers_of_the_torch_operations(monkeypatch, n_groups):
+    from lowbit.fqt import quantizers
+    z = torch.randn(32, 700, generator=torch.Generator().manual_seed(0))
+    z *= torch.logspace(-3, 3, 32).unsqueeze(1)
+    plan = fqt.bhq_plan(z, n_groups)
+    fast = fqt.reflect(z, plan)
+    monkeypatch.setattr(quantizers, "_reflect_compiled", None)
+    assert torch.equal(fast, fqt.reflect(z, plan))
+    # H is its own inverse: reflecting twice gives the rows back
+    torch.testing.assert_close(fqt.reflect(fast, plan), z, rtol=1e-4, atol=1e-5 * float(z.abs().max()))
+
+
+def test_random_words_are_splitmix64_on_every_path(monkeypatch):
+    # the published SplitMix64 test vector: state 1234567
+    words = quant._splitmix64_torch(torch.empty(5, dtype=torch.int64), torch.tensor(1234567))
+    assert [int(w) % 2 ** 64 for w in words] == [
+        6457827717110365317, 3203168211198807973, 9817491932198370423,
+        4593380528125082431, 16408922859458223821]
+    compiled = quant.random_words(100_003, torch.Generator().manual_seed(5))
+    monkeypatch.setattr(quant, "_splitmix64_compiled", None)
+    assert torch.equal(compiled, quant.random_words(100_003, torch.Generator().manual_seed(5)))
+    # one 64-bit draw from the generator per call, whatever the size
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    quant.random_words(10 ** 6, g1)
+    torch.empty(1, dtype=torch.int64).random_(-2 ** 63, None, generator=g2)
+    assert torch.equal(g1.get_state(), g2.get_state())

@@ -21,6 +21,7 @@ import copy
 import numbers
 from typing import Callable, Iterable, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,7 +29,7 @@ Rounding = Literal["nearest", "stochastic"]
 
 __all__ = [
     "check_bits", "check_values", "check_tensor", "check_extra_state", "signed_levels", "symmetric_scale", "symmetric_grid",
-    "DITHER_BITS", "DITHER_HALF", "dither_levels", "dither", "round_stochastic",
+    "DITHER_BITS", "DITHER_HALF", "SPLITMIX64", "splitmix64_word", "random_seed", "random_words", "dither_levels", "dither", "round_stochastic",
     "quantize_symmetric", "binarize", "quantize_even",
     "quantize_activations", "quantize_unsigned", "quantize_asymmetric",
     "FakeQuantSTE", "fake_quantize_ste", "QuantConv2d", "QuantLinear", "ActQuant",
@@ -142,41 +143,113 @@ def symmetric_grid(delta: float | torch.Tensor, bits: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- rounding
-#: Resolution of the dither u in stochastic rounding — 2^16 levels, four to a 64-bit draw.
+#: Resolution of the dither u in stochastic rounding — 2^16 levels, four to a 64-bit word.
 DITHER_BITS = 16
 #: u = DITHER_HALF + k·2^-16 for the int16 level k (:func:`dither_levels`): (k + 2^15 + ½)/2^16.
 DITHER_HALF = 0.5 + 2.0 ** -(DITHER_BITS + 1)
+#: SplitMix64's constants (Steele, Lea and Flood, OOPSLA 2014; Java's SplittableRandom): the
+#: state's increment, the golden ratio in 64 bits, and the two multipliers of its mixer.
+SPLITMIX64 = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+def _signed(c: int) -> int:
+    """A 64-bit constant as the int64 with the same bits."""
+    return c - 2 ** 64 if c >= 2 ** 63 else c
+
+
+def _splitmix64_torch(words: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """Fill the int64 tensor ``words`` with :func:`splitmix64_word` 0, 1, … of the state
+    ``seed`` (a 0-d int64 tensor), as torch operations.
+    int64 arithmetic wraps as uint64 does; the right shifts are made logical by a mask."""
+    gamma, m1, m2 = (_signed(c) for c in SPLITMIX64)
+    z = torch.arange(1, words.numel() + 1, dtype=torch.int64, device=words.device)
+    z = z.mul_(gamma).add_(seed)
+    for shift, mult in ((30, m1), (27, m2), (31, None)):
+        z.bitwise_xor_(z.bitwise_right_shift(shift).bitwise_and_(2 ** (64 - shift) - 1))
+        if mult is not None:
+            z.mul_(mult)
+    return words.copy_(z.view(words.shape))
+
+
+def splitmix64_word(seed, i):
+    """Word i of SplitMix64 from the state ``seed`` (uint64s): mix(seed + (i+1)·γ). Compiled
+    with numba, for the loops that fill words in parallel (here and in FQT's kernel)."""
+    z = seed + np.uint64(i + 1) * np.uint64(SPLITMIX64[0])
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(SPLITMIX64[1])
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(SPLITMIX64[2])
+    return z ^ (z >> np.uint64(31))
+
+
+def _splitmix64_loop(words, seed):
+    for c in prange((words.size + 4095) // 4096):  # chunks of 4096 words in parallel
+        for i in range(c * 4096, min(words.size, c * 4096 + 4096)):
+            words[i] = _splitmix64_word(seed, i)
+
+
+try:  # numba compiles the loops; without it (or off the CPU) torch operations fill the words
+    import numba
+    prange = numba.prange
+    _splitmix64_word = numba.njit(inline="always", cache=True)(splitmix64_word)
+    _splitmix64_compiled = numba.njit(parallel=True, cache=True)(_splitmix64_loop)
+except ImportError:  # pragma: no cover
+    prange, _splitmix64_compiled, _splitmix64_word = range, None, splitmix64_word
+
+
+def random_words(n: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu", out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """``n`` uniformly random 64-bit words (int64): SplitMix64's first n outputs from a
+    state drawn from ``generator`` (one 64-bit draw per call). A counter-based generator:
+    word i depends on the state and i alone, so the words are filled in parallel, and the
+    same on any number of threads. On a CPU the loop is compiled (numba) and costs about
+    a tenth of ``torch.Tensor.random_``'s serial Mersenne Twister; the torch operations
+    (on a GPU, or without numba) give the same words. ``out``: an int64 tensor of at least
+    n entries to fill (no new memory)."""
+    if out is None:
+        out = torch.empty(n, dtype=torch.int64, device=device)
+    elif out.dtype != torch.int64 or out.numel() < n:
+        raise ValueError(f"random must be an int64 tensor of at least {n} entries, got "
+                         f"{out.dtype} with {out.numel()}")
+    words = out.reshape(-1)[:n]
+    seed = random_seed(generator, words.device)
+    if words.device.type == "cpu" and _splitmix64_compiled is not None and words.is_contiguous():
+        _splitmix64_compiled(words.numpy().view(np.uint64), np.uint64(int(seed) % 2 ** 64))
+        return words
+    return _splitmix64_torch(words, seed)
+
+
+def random_seed(generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+                ) -> torch.Tensor:
+    """One uniformly random 64-bit state for :func:`random_words` (a 0-d int64 tensor)."""
+    seed = torch.empty((), dtype=torch.int64, device=device)
+    return seed.random_(-2 ** 63, None, generator=generator)  # all 64 bits uniform
 
 
 def dither_levels(like: torch.Tensor, generator: torch.Generator | None = None,
                   random: torch.Tensor | None = None) -> torch.Tensor:
     """The random part of :func:`dither`: int16 levels k − 2^15, uniform on −2^15 … 2^15 − 1,
-    shaped like ``like``, cut four to a 64-bit random draw (in ``random``, an int64 tensor
-    of at least numel/4 entries, when given: no new memory)."""
+    shaped like ``like``, cut four to a 64-bit word of :func:`random_words` (in ``random``,
+    an int64 tensor of at least numel/4 entries, when given: no new memory)."""
     if not isinstance(like, torch.Tensor) or not like.is_floating_point():
         raise ValueError("the dither is shaped like a floating-point tensor, got "
                          + (f"dtype {like.dtype}" if isinstance(like, torch.Tensor)
                             else type(like).__name__))
     n = like.numel()
-    if random is None:
-        random = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device)
-    elif random.dtype != torch.int64 or random.numel() < (n + 3) // 4:
-        raise ValueError(f"random must be an int64 tensor of at least {(n + 3) // 4} entries "
-                         f"for {n} values, got {random.dtype} with {random.numel()}")
-    random.random_(-2 ** 63, None, generator=generator)  # all 64 bits uniform
-    return random.view(torch.int16)[:n].view(like.shape)
+    words = random_words((n + 3) // 4, generator, like.device, random)
+    return words.view(torch.int16)[:n].view(like.shape)
 
 
 def dither(like: torch.Tensor, generator: torch.Generator | None = None, *,
            random: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The uniform dither u of stochastic rounding, shaped like ``like``: u = (k + ½)/2^16
-    with k uniform on 0 … 2^16 − 1, cut four to a 64-bit random draw.
+    with k uniform on 0 … 2^16 − 1, cut four to a 64-bit random word (:func:`random_words`).
 
     floor(t + u) rounds t up with probability within 2^-17 of its fractional part (the
     midpoints keep the error symmetric; for t ≥ 128, where float32 rounds t + u to steps
-    of 2^-16, within 2^-16): unbiased to float32 precision. ``torch.rand`` (one 32-bit draw
-    and a float conversion per value) costs 2–3× more on a CPU, where the random numbers
-    are the largest cost of stochastic rounding. ``random`` (see :func:`dither_levels`) and
+    of 2^-16, within 2^-16): unbiased to float32 precision. On a CPU the random numbers
+    are the largest cost of stochastic rounding; four levels to a word of a counter-based
+    generator filled in parallel cost a small fraction of ``torch.rand`` (one 32-bit draw
+    of a serial generator and a float conversion per value). ``random`` (see :func:`dither_levels`) and
     ``out`` let a caller reuse memory."""
     k = dither_levels(like, generator, random)
     half = torch.full((), DITHER_HALF, dtype=like.dtype, device=like.device)
