@@ -22,7 +22,7 @@ __all__ = ["GRAD_BITS", "FORWARD_BITS", "QUANTIZERS", "PT_VARIANTS", "check_grad
            "as_rows", "grid", "zero_code_grid", "code_scales", "sr_codes", "dequantize",
            "rows_on_grid", "quantize_copies", "quantize_pt", "quantize_psq", "quantize_bhq",
            "quantize_gradient", "householder", "householder_max", "BHQPlan", "bhq_plan",
-           "bhq_groups", "reflect", "bhq_transform"]
+           "bhq_groups", "reflect", "reflect_loop", "bhq_transform"]
 
 #: The gradient bit-widths a quantizer accepts (lowest, highest).
 GRAD_BITS = (1, 32)
@@ -247,12 +247,47 @@ def bhq_groups(g: torch.Tensor) -> int:
 
 
 def reflect(z: torch.Tensor, plan: BHQPlan) -> torch.Tensor:
-    """Apply each group's Householder reflection H = I − 2vvᵀ/‖v‖² to the rows of ``z``."""
+    """Apply each group's Householder reflection H = I − 2vvᵀ/‖v‖² to the rows of ``z``:
+    row i becomes z_i − c_i·Σ_{r in i's group} v_r z_r with c_i = v_i·2/‖v‖². On a CPU
+    (float32) one compiled loop (:func:`reflect_loop`), otherwise torch operations: the
+    same float32 operations in the same order, so the same numbers."""
     gid, v, vnorm2 = plan.gid, plan.v, plan.vnorm2
+    if (_reflect_compiled is not None and z.device.type == "cpu" and z.dtype == torch.float32
+            and v.dtype == torch.float32 and z.dim() == 2 and z.is_contiguous()):
+        out = torch.empty_like(z)
+        _reflect_compiled(z.numpy(), gid.numpy(), v.numpy(), vnorm2.numpy(), out.numpy())
+        return out
     dots = torch.zeros(vnorm2.numel(), z.shape[1], dtype=z.dtype, device=z.device)
     dots.index_add_(0, gid, v.unsqueeze(1) * z)
     coef = torch.where(vnorm2 > 0, 2.0 / vnorm2.clamp(min=1e-30), torch.zeros_like(vnorm2))
     return z - (v * coef[gid]).unsqueeze(1) * dots[gid]
+
+
+def reflect_loop(z, gid, v, vnorm2, out):
+    """:func:`reflect` in one compiled loop, blocks of 256 columns in parallel: the group
+    sums are accumulated row by row, in the order of ``index_add_``."""
+    n, d = z.shape
+    c = np.empty(n, np.float32)
+    for i in range(n):
+        g = vnorm2[gid[i]]
+        c[i] = v[i] * (np.float32(2.0) / max(g, np.float32(1e-30)) if g > 0 else np.float32(0.0))
+    for b in prange((d + 255) // 256):
+        j0, j1 = b * 256, min(d, b * 256 + 256)
+        dots = np.zeros((vnorm2.size, j1 - j0), np.float32)
+        for i in range(n):
+            for j in range(j0, j1):
+                dots[gid[i], j - j0] += v[i] * z[i, j]
+        for i in range(n):
+            for j in range(j0, j1):
+                out[i, j] = z[i, j] - c[i] * dots[gid[i], j - j0]
+
+
+try:  # numba compiles the loop; without it, torch operations
+    import numba
+    prange = numba.prange
+    _reflect_compiled = numba.njit(parallel=True, cache=True)(reflect_loop)
+except ImportError:  # pragma: no cover
+    prange, _reflect_compiled = range, None
 
 
 def bhq_transform(g: torch.Tensor, n_groups: int | None = None
