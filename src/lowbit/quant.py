@@ -147,8 +147,9 @@ def symmetric_grid(delta: float | torch.Tensor, bits: int) -> torch.Tensor:
 DITHER_BITS = 16
 #: u = DITHER_HALF + k·2^-16 for the int16 level k (:func:`dither_levels`): (k + 2^15 + ½)/2^16.
 DITHER_HALF = 0.5 + 2.0 ** -(DITHER_BITS + 1)
-#: SplitMix64's constants (Steele, Lea and Flood, OOPSLA 2014; Java's SplittableRandom): the
-#: state's increment, the golden ratio in 64 bits, and the two multipliers of its mixer.
+#: The constants of SplitMix64, the generator of Java's SplittableRandom (Steele, Lea and
+#: Flood, OOPSLA 2014), in order the state's increment (the golden ratio in 64 bits) and
+#: the two multipliers of its mixer.
 SPLITMIX64 = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 

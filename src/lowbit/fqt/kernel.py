@@ -94,7 +94,6 @@ def sr_loop(x, seed, big_a, scope_a, lo_a, hi_a, tiny_a, out_a,
         lo_a, pc_a, st_a = np.full(n, lo_a[0]), np.full(n, pc_a[0]), np.full(n, st_a[0])
     if scope_b == 2:
         lo_b, pc_b, st_b = np.full(n, lo_b[0]), np.full(n, pc_b[0]), np.full(n, st_b[0])
-    col_a, col_b = scope_a == 1, scope_b == 1
     ba, bb = np.float32(big_a), np.float32(big_b)
     for i in prange(n):
         # the words that hold row i's levels (element e = i·d + j is level e mod 4 of
@@ -118,18 +117,19 @@ def sr_loop(x, seed, big_a, scope_a, lo_a, hi_a, tiny_a, out_a,
 try:  # numba compiles the loop; without it, the torch operations do the same work
     import numba
     prange = numba.prange
-    #: The compiled :func:`sr_loop` (None without numba: FQT then uses torch operations);
-    #: ``compiled_serial`` is the same loop on one thread, for gradients too small to share.
     _scales = numba.njit(cache=True)(scales_loop)
     _round_row = numba.njit(inline="always", cache=True)(round_row)
     _round_columns = numba.njit(inline="always", cache=True)(round_columns)
+    #: The compiled :func:`sr_loop` (None without numba: FQT then uses torch operations);
+    #: ``compiled_serial`` is the same loop on one thread, for gradients too small to share.
     compiled = numba.njit(parallel=True, cache=True)(sr_loop)
     compiled_serial = numba.njit(cache=True)(sr_loop)
 except ImportError:  # pragma: no cover
     prange, compiled, compiled_serial = range, None, None
     _scales, _round_row, _round_columns = scales_loop, round_row, round_columns
 
-#: Below this many values a gradient is rounded on one thread: waking the others costs more.
+#: Below this many values a gradient is rounded on one thread, where waking the others
+#: would cost more than they save.
 SERIAL_BELOW = 2 ** 15
 #: :func:`sr_loop`'s scope codes.
 _SCOPES = {"row": 0, "column": 1, "tensor": 2, "tensor_minmax": 2}
