@@ -18,6 +18,7 @@ tensor's own units), which is what training and accuracy measurements need.
 from __future__ import annotations
 
 import copy
+import functools
 import numbers
 from typing import Callable, Iterable, Literal
 
@@ -187,13 +188,22 @@ def _splitmix64_loop(words, seed):
             words[i] = _splitmix64_word(seed, i)
 
 
-try:  # numba compiles the loops; without it (or off the CPU) torch operations fill the words
-    import numba
+prange, _splitmix64_word = range, splitmix64_word  # numba's, once _fill_loop has run
+
+
+@functools.cache
+def _fill_loop():
+    """:func:`random_words`' compiled loop (None without numba), made on first use:
+    importing numba takes a few tenths of a second, which a program that never rounds
+    stochastically on a CPU need not pay when it imports this module."""
+    global prange, _splitmix64_word
+    try:
+        import numba
+    except ImportError:  # pragma: no cover
+        return None
     prange = numba.prange
     _splitmix64_word = numba.njit(inline="always", cache=True)(splitmix64_word)
-    _splitmix64_compiled = numba.njit(parallel=True, cache=True)(_splitmix64_loop)
-except ImportError:  # pragma: no cover
-    prange, _splitmix64_compiled, _splitmix64_word = range, None, splitmix64_word
+    return numba.njit(parallel=True, cache=True)(_splitmix64_loop)
 
 
 def random_words(n: int, generator: torch.Generator | None = None,
@@ -213,8 +223,9 @@ def random_words(n: int, generator: torch.Generator | None = None,
                          f"{out.dtype} with {out.numel()}")
     words = out.reshape(-1)[:n]
     seed = random_seed(generator, words.device)
-    if words.device.type == "cpu" and _splitmix64_compiled is not None and words.is_contiguous():
-        _splitmix64_compiled(words.numpy().view(np.uint64), np.uint64(int(seed) % 2 ** 64))
+    loop = _fill_loop() if words.device.type == "cpu" and words.is_contiguous() else None
+    if loop is not None:
+        loop(words.numpy().view(np.uint64), np.uint64(int(seed) % 2 ** 64))
         return words
     return _splitmix64_torch(words, seed)
 
@@ -250,8 +261,8 @@ def dither(like: torch.Tensor, generator: torch.Generator | None = None, *,
     of 2^-16, within 2^-16): unbiased to float32 precision. On a CPU the random numbers
     are the largest cost of stochastic rounding; four levels to a word of a counter-based
     generator filled in parallel cost a small fraction of ``torch.rand`` (one 32-bit draw
-    of a serial generator and a float conversion per value). ``random`` (see :func:`dither_levels`) and
-    ``out`` let a caller reuse memory."""
+    of a serial generator and a float conversion per value). ``random`` (see
+    :func:`dither_levels`) and ``out`` let a caller reuse memory."""
     k = dither_levels(like, generator, random)
     half = torch.full((), DITHER_HALF, dtype=like.dtype, device=like.device)
     return torch.add(half, k, alpha=2.0 ** -DITHER_BITS, out=out)
