@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..quant import DITHER_BITS, DITHER_HALF, _splitmix64_word, dither, random_seed
-from .quantizers import _SCOPE, _check_finite, bhq_plan, grid, reflect
+from ..quant import DITHER_BITS, DITHER_HALF, dither, random_seed, splitmix64_word
+from .quantizers import _SCOPE, _check_finite, _min_span, bhq_plan, grid, reflect
 
 __all__ = ["Workspace", "round_row", "round_columns", "scales_loop", "sr_loop", "compiled",
            "compiled_serial", "SERIAL_BELOW", "quantize_copies_compiled", "can_compile"]
@@ -29,12 +29,18 @@ class Workspace:
 
     def __init__(self, like: torch.Tensor) -> None:
         self.key = (like.shape, like.dtype, like.device)
-        self.random = torch.empty((like.numel() + 3) // 4, dtype=torch.int64,
-                                  device=like.device)
-        self.u, self.d, self.q = (torch.empty_like(like) for _ in range(3))
+        self.d, self.q = (torch.empty_like(like) for _ in range(2))
+        # the torch operations' dither and its words; the compiled loop needs neither
+        self.random: torch.Tensor | None = None
+        self.u: torch.Tensor | None = None
 
     def dither(self, generator: torch.Generator | None) -> torch.Tensor:
-        """The stochastic-rounding dither (:func:`lowbit.quant.dither`) in this memory."""
+        """The stochastic-rounding dither (:func:`lowbit.quant.dither`) in this memory
+        (made on first use)."""
+        if self.u is None:
+            self.random = torch.empty((self.q.numel() + 3) // 4, dtype=torch.int64,
+                                      device=self.q.device)
+            self.u = torch.empty_like(self.q)
         return dither(self.q, generator, random=self.random, out=self.u)
 
 
@@ -117,6 +123,7 @@ def sr_loop(x, seed, big_a, scope_a, lo_a, hi_a, tiny_a, out_a,
 try:  # numba compiles the loop; without it, the torch operations do the same work
     import numba
     prange = numba.prange
+    _splitmix64_word = numba.njit(inline="always", cache=True)(splitmix64_word)
     _scales = numba.njit(cache=True)(scales_loop)
     _round_row = numba.njit(inline="always", cache=True)(round_row)
     _round_columns = numba.njit(inline="always", cache=True)(round_columns)
@@ -126,7 +133,8 @@ try:  # numba compiles the loop; without it, the torch operations do the same wo
     compiled_serial = numba.njit(cache=True)(sr_loop)
 except ImportError:  # pragma: no cover
     prange, compiled, compiled_serial = range, None, None
-    _scales, _round_row, _round_columns = scales_loop, round_row, round_columns
+    _splitmix64_word, _scales = splitmix64_word, scales_loop
+    _round_row, _round_columns = round_row, round_columns
 
 #: Below this many values a gradient is rounded on one thread, where waking the others
 #: would cost more than they save.
@@ -160,8 +168,8 @@ def _round(x: torch.Tensor, copies: tuple[tuple[int, str], ...], seed: np.uint64
         scope = _SCOPE.get(how, how)
         lo, hi = _ranges(x, scope, bits)
         ranges.append((scope, lo, hi))
-        tiny = np.float32((2 ** bits - 1) * torch.finfo(x.dtype).tiny)  # as grid() clamps
-        args.append((2 ** bits - 1, _SCOPES[scope], lo.numpy(), hi.numpy(), tiny))
+        args.append((2 ** bits - 1, _SCOPES[scope], lo.numpy(), hi.numpy(),
+                     np.float32(_min_span(bits, x.dtype))))
     if len(copies) == 1:
         args.append((0,) + args[0][1:])
     loop = compiled_serial if x.numel() < SERIAL_BELOW else compiled

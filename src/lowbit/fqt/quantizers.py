@@ -102,6 +102,11 @@ def zero_code_grid(lo: float, hi: float, bits: int) -> tuple[float, float]:
     return lo, span
 
 
+def _min_span(bits: int, dtype: torch.dtype) -> float:
+    """The narrowest span a grid keeps (:func:`grid`): B times the dtype's smallest normal."""
+    return (2 ** bits - 1) * torch.finfo(dtype).tiny
+
+
 def grid(x: torch.Tensor, scope: str, bits: int, name: str = "gradient"
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, span) of the grid of the rows ``x``: ``scope`` is ``"tensor"`` (zero code,
@@ -109,7 +114,7 @@ def grid(x: torch.Tensor, scope: str, bits: int, name: str = "gradient"
     or ``"column"`` (one per feature). Shaped to broadcast against ``x``; finiteness
     checked. A span below B times the dtype's smallest normal (an all-zero row, say) is
     raised to it, so rounding and dequantization use the same step."""
-    tiny = (2 ** bits - 1) * torch.finfo(x.dtype).tiny
+    tiny = _min_span(bits, x.dtype)
     if scope in ("tensor", "tensor_minmax"):
         lo, hi = torch.aminmax(x)
         _check_finite(x, lo, hi, name)
