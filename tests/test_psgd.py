@@ -154,11 +154,15 @@ def test_sparsity_and_mse_helpers():
     assert math.isclose(psgd.sparsity(net, threshold=1.0), 1.0)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("eps", [1e-3, 0.0])
 @pytest.mark.parametrize("bits", [4, 2, None])
-def test_multi_tensor_step_is_the_per_parameter_formula(bits, eps):
-    """PSGD's _foreach path (plain scale, current range, or aimed at 0) computes, bit for
-    bit, w ← w − lr·(momentum buffer of s(w)·g + wd·w), s from position_scale/position_target."""
+def test_multi_tensor_step_is_the_per_parameter_formula(bits, eps, compiled, monkeypatch):
+    """PSGD's many-parameter paths (plain scale, current range, or aimed at 0), compiled on a
+    CPU or multi-tensor ops as on a GPU, compute, bit for bit,
+    w ← w − lr·(momentum buffer of s(w)·g + wd·w), s from position_scale/position_target."""
+    if not compiled:
+        monkeypatch.setattr(psgd, "_scaled_gradient_loop", lambda: None)
     torch.manual_seed(0)
     ws = [torch.randn(8, 3, 3, 3), torch.randn(10, 20), torch.zeros(5)]
     gs = [torch.randn_like(w) for w in ws]
@@ -226,3 +230,48 @@ def test_non_finite_weights_are_named_and_nothing_moves():
     with pytest.raises(ValueError, match=r"non-finite weights .*\(2,\).*no parameter"):
         opt.step()
     assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [1e-3, 0.0])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16, None])
+def test_compiled_scale_is_the_multi_tensor_one(bits, eps, dtype):
+    """On a CPU, s(w) ⊙ g comes from one compiled pass per parameter (max|w| found from the
+    weights' bits): bit for bit the multi-tensor ops, on weights that sit on their grid,
+    exact zeros, an all-zero tensor, several shapes and both float dtypes."""
+    if psgd._scaled_gradient_loop() is None:
+        pytest.skip("numba is not installed")
+    torch.manual_seed(0)
+    on_grid = torch.tensor([-0.8, -0.4, 0.0, 0.4, 1.2])
+    ws = [torch.randn(16, 8, 3, 3), torch.randn(10, 157) * 1e-3, torch.zeros(7), on_grid,
+          torch.randn(1)]
+    ws = [w.to(dtype) for w in ws]
+    gs = [torch.randn_like(w) for w in ws]
+    opt = psgd.PSGD([torch.nn.Parameter(w) for w in ws])
+    compiled = opt._scaled_gradients(ws, gs, bits, 24.0, eps)
+    reference = torch._foreach_mul(gs, psgd.PSGD._foreach_scale(ws, bits, 24.0, eps))
+    assert all(torch.equal(a, b) for a, b in zip(compiled, reference))
+    for w, g, s in zip(ws, gs, compiled):  # and the formula itself
+        assert torch.equal(s, g * psgd.position_scale(w, psgd.position_target(w, bits), 24.0,
+                                                      eps))
+
+
+def test_compiled_path_follows_a_parameter_whose_memory_changes():
+    """The compiled path keeps numpy views of each weight between steps; a parameter given
+    new memory (``p.data = ...``, as a loaded copy or a cast does) is read anew, and a
+    non-contiguous weight takes the multi-tensor path: both steps are the formula's."""
+    w0, w1 = torch.tensor([0.3, -0.2, 0.9]), torch.tensor([0.5, 0.1, -0.45])
+    p = nn.Parameter(w0.clone())
+    opt = psgd.PSGD([p], lr=0.1, bits=3, lambda_s=10.0)
+    for w in (w0, w1):
+        p.data = w.clone()
+        p.grad = torch.ones(3)
+        opt.step()
+        assert torch.equal(p.detach(), w.add(psgd.position_scale(
+            w, psgd.position_target(w, 3), 10.0), alpha=-0.1))
+    t = nn.Parameter(torch.randn(4, 6).t())  # not contiguous
+    t.grad = torch.ones(6, 4)
+    before = t.detach().clone()
+    psgd.PSGD([t], lr=0.1, bits=3, lambda_s=10.0).step()
+    assert torch.equal(t.detach(), before.add(psgd.position_scale(
+        before, psgd.position_target(before, 3), 10.0), alpha=-0.1))

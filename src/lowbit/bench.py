@@ -73,6 +73,12 @@ def bench_fake_quant(n: int = 16 * 2 ** 20, bits: int = 4) -> dict[str, float]:
             ratio(lambda: quantize_symmetric(x, bits), lambda: x.clone(), repeats=60)}
 
 
+#: Pairs of training steps per figure. A step of the book's CNN takes 5-9 ms on two CPU
+#: cores, and its time moves with the machine's load: the median of 60 pairs moved by up
+#: to ±0.04 between runs on the book's machine, the median of 200 by about half that.
+STEP_PAIRS = 200
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, after: Callable[[], None] | None = None) -> Callable[[], None]:
     """A function that runs one training step (forward, cross-entropy, backward, optimizer)
@@ -115,7 +121,7 @@ def bench_psgd() -> dict[str, float]:
         sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         ps = PSGD(param_groups(model, bits=4), lr=0.01, momentum=0.9, weight_decay=5e-4)
         out[f"psgd_step_vs_sgd_{name}"] = ratio(train_step(model, ps, x, y),
-                                                train_step(model, sgd, x, y), repeats=60)
+                                                train_step(model, sgd, x, y), repeats=STEP_PAIRS)
     return out
 
 
@@ -148,7 +154,7 @@ def bench_slb(bits: int = 2) -> dict[str, float]:
         adam = torch.optim.Adam(s.parameters(), lr=0.01, fused=True)  # as recipes.train_slb
         step = train_step(s, adam, x, y, after=lambda: update_discrete_stats(s, x))
         out[f"slb_step_vs_ste_qat_{name}_w{bits}"] = ratio(step, train_step(qat, sgd, x, y),
-                                                           repeats=60)
+                                                           repeats=STEP_PAIRS)
         out[f"slb_param_memory_vs_ste_qat_{name}_w{bits}"] = (parameter_memory(s) /
                                                               parameter_memory(qat))
     return out
@@ -170,7 +176,7 @@ def bench_fqt(grad_bits: int = 4) -> dict[str, float]:
             m = convert(SmallCNN(widths=widths).to(device), "fqt", q, grad_bits)
             configure(m, generator=torch.Generator(device=device).manual_seed(0))
             step = train_step(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), x, y)
-            out[f"fqt_{q}_step_vs_qat_{name}"] = ratio(step, base, repeats=60)
+            out[f"fqt_{q}_step_vs_qat_{name}"] = ratio(step, base, repeats=STEP_PAIRS)
     return out
 
 

@@ -3,6 +3,7 @@
 every gradient before any parameter moves."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -41,11 +42,18 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     for (device, _), ts in by_kind.items():
         flag = torch.zeros((), device=device)
         try:
-            torch._amp_foreach_non_finite_check_and_unscale_(ts, flag, torch.ones((), device=device))
+            torch._amp_foreach_non_finite_check_and_unscale_(ts, flag, _one(device))
         except RuntimeError:  # a dtype the fused check does not take
             flag = (~torch.isfinite(max_abs(ts))).any().float()
         found.append(flag.to(tensors[0].device))
     return not bool(found[0] if len(found) == 1 else torch.stack(found).any())
+
+
+@functools.lru_cache(maxsize=None)
+def _one(device: torch.device) -> torch.Tensor:
+    """A 0-d float32 1 on ``device``, made once (:func:`all_finite`'s unscale factor, which
+    the check only reads)."""
+    return torch.ones((), device=device)
 
 
 def checked_gradients(optimizer: torch.optim.Optimizer, name: str

@@ -27,10 +27,12 @@ Choices this implementation makes (each a parameter):
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import struct
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.sgd import sgd
@@ -38,8 +40,8 @@ from torch.optim.sgd import sgd
 from .optim import checked_gradients, max_abs, run_closure
 from .quant import check_bits, quantizable_layers, quantize_symmetric
 
-__all__ = ["position_target", "position_scale", "warp", "PSGD", "param_groups", "sparsity",
-           "magnitude_prune", "weight_quantization_mse"]
+__all__ = ["position_target", "position_scale", "warp", "PSGD", "scaled_gradient", "param_groups",
+           "sparsity", "magnitude_prune", "weight_quantization_mse"]
 
 
 def _check_nonnegative(name: str, value: float) -> float:
@@ -173,7 +175,69 @@ class PSGD(torch.optim.Optimizer):
             group["bits"] is not None and group["grid_range"] != "current"))
 
     @staticmethod
-    def _foreach_scale(ps: list[torch.Tensor], bits: int | None, lambda_s: float,
+    def _grid_steps(ps: list[torch.Tensor], bits: int) -> list[float] | list[torch.Tensor]:
+        """Δ = max|w| / qmax of each parameter (1 where max|w| = 0); raises a ValueError if
+        a parameter holds a non-finite weight."""
+        qmax = 2 ** (bits - 1) - 1
+        peaks = max_abs(ps)  # max|w| of each tensor
+        values = peaks.tolist()  # (on a GPU, a synchronization)
+        if not all(map(math.isfinite, values)):
+            bad = [tuple(p.shape) for p, v in zip(ps, values) if not math.isfinite(v)]
+            raise ValueError(f"non-finite weights in parameter(s) with shapes {bad}; "
+                             "no parameter was updated")
+        if peaks.device.type == "cpu":
+            # Δ = max|w| / qmax rounded to the weights' dtype, as the tensors compute it
+            # (a division in double precision, then rounded, is the float32 one, as
+            # 53 ≥ 2·24 + 2), passed as plain numbers: on a CPU, right after the backward
+            # pass, the few small tensor ops cost more than the arithmetic
+            return [_rounded(v / qmax, p.dtype) if v > 0 else 1.0 for p, v in zip(ps, values)]
+        # 0-d tensors on the device (a CUDA division by a plain number may
+        # multiply by its reciprocal instead, which is not the same rounding)
+        return list(torch.where(peaks > 0, peaks / qmax, 1.0).unbind())
+
+    def _scaled_gradients(self, ps: list[torch.Tensor], grads: list[torch.Tensor],
+                          bits: int | None, lambda_s: float, eps: float) -> list[torch.Tensor]:
+        """s(w) ⊙ g for many parameters at once: on a CPU, one compiled call per parameter
+        (:func:`scaled_gradient`); elsewhere multi-tensor ops (:meth:`_foreach_scale`). Bit
+        for bit the same numbers. Raises a ValueError if a weight is not finite."""
+        loop = _scaled_gradient_loop() if all(
+            p.device.type == "cpu" and p.dtype in _LOOP_TYPES and p.is_contiguous()
+            and g.dtype == p.dtype and g.is_contiguous() for p, g in zip(ps, grads)) else None
+        if loop is None:
+            return torch._foreach_mul(grads, self._foreach_scale(ps, bits, lambda_s, eps))
+        qmax = 0 if bits is None else 2 ** (bits - 1) - 1
+        out, peaks, scalars = [], [], {}
+        for p, g in zip(ps, grads):
+            w, word, o, o_np, real, mask = self._loop_arrays(p)
+            if real not in scalars:
+                scalars[real] = real(qmax), real(lambda_s), real(eps), mask
+            peaks.append(loop(w, word, g.view(-1).numpy(), o_np, *scalars[real]))
+            out.append(o)
+        if not all(map(math.isfinite, peaks)):
+            bad = [tuple(p.shape) for p, v in zip(ps, peaks) if not math.isfinite(v)]
+            raise ValueError(f"non-finite weights in parameter(s) with shapes {bad}; "
+                             "no parameter was updated")
+        return out
+
+    def _loop_arrays(self, p: torch.Tensor) -> tuple:
+        """What :func:`scaled_gradient` reads and writes for ``p``: its weights and their bits
+        as numpy arrays, and the memory of its scaled gradient (a tensor and its array), all
+        kept while ``p``'s memory stays where it is (the numpy views cost more to make, right
+        after a backward pass, than the loop's arithmetic); with the loop's scalar type and
+        sign mask."""
+        memory = self.__dict__.setdefault("_loop_memory", {})
+        key = (p.data_ptr(), p.shape, p.dtype)
+        kept = memory.get(id(p))
+        if kept is None or kept[0] != key:
+            real, word, mask = _LOOP_TYPES[p.dtype]
+            w = p.detach().view(-1)
+            o = torch.empty_like(p)
+            kept = memory[id(p)] = (key, w.numpy(), w.view(word).numpy(), o,
+                                    o.view(-1).numpy(), real, mask)
+        return kept[1:]
+
+    @classmethod
+    def _foreach_scale(cls, ps: list[torch.Tensor], bits: int | None, lambda_s: float,
                        eps: float) -> list[torch.Tensor]:
         """s(w) for many parameters at once (multi-tensor ``_foreach`` ops), bit for bit the
         arithmetic of :func:`position_target` and :func:`position_scale`. Two of their
@@ -182,23 +246,7 @@ class PSGD(torch.optim.Optimizer):
         if bits is None:  # pruning: the target is 0, |w − 0| = |w|
             d = torch._foreach_abs(ps)
         else:
-            qmax = 2 ** (bits - 1) - 1
-            peaks = max_abs(ps)  # max|w| of each tensor
-            values = peaks.tolist()  # (on a GPU, a synchronization)
-            if not all(map(math.isfinite, values)):
-                bad = [tuple(p.shape) for p, v in zip(ps, values) if not math.isfinite(v)]
-                raise ValueError(f"non-finite weights in parameter(s) with shapes {bad}; "
-                                 "no parameter was updated")
-            if peaks.device.type == "cpu":
-                # Δ = max|w| / qmax rounded to the weights' dtype, as the tensors compute it
-                # (a division in double precision, then rounded, is the float32 one, as
-                # 53 ≥ 2·24 + 2), passed as plain numbers: on a CPU, right after the backward
-                # pass, the few small tensor ops cost more than the arithmetic
-                deltas = [_rounded(v / qmax, p.dtype) if v > 0 else 1.0
-                          for p, v in zip(ps, values)]
-            else:  # 0-d tensors on the device (a CUDA division by a plain number may
-                # multiply by its reciprocal instead, which is not the same rounding)
-                deltas = list(torch.where(peaks > 0, peaks / qmax, 1.0).unbind())
+            deltas = cls._grid_steps(ps, bits)
             d = torch._foreach_div(ps, deltas)  # Q(w) = Δ · round(w / Δ)
             torch._foreach_round_(d)
             torch._foreach_mul_(d, deltas)
@@ -231,8 +279,8 @@ class PSGD(torch.optim.Optimizer):
                                    g["lambda_s"], g["eps"], g["normalized"]) for p in ps])
         for (bits, lambda_s, eps), items in together.items():
             ps = [p for _, group_ps, _ in items for p in group_ps]
-            scaled = torch._foreach_mul([gr for *_, grads in items for gr in grads],
-                                        self._foreach_scale(ps, bits, lambda_s, eps))
+            scaled = self._scaled_gradients(ps, [gr for *_, grads in items for gr in grads],
+                                            bits, lambda_s, eps)
             for item in items:
                 item[2], scaled = scaled[:len(item[1])], scaled[len(item[1]):]
         # then exactly torch.optim.SGD's update: weight decay,
@@ -250,6 +298,49 @@ class PSGD(torch.optim.Optimizer):
                 for p, buf in zip(ps, bufs):
                     self.state[p]["momentum_buffer"] = buf
         return loss
+
+
+def scaled_gradient(w, word, g, out, qmax, lambda_s, eps, mask):
+    """out = s(w) ⊙ g for one flattened parameter ``w`` (``word``: its bits as integers),
+    with s(w) = λ_s·|Δ·round(w/Δ) − w| + ε and Δ = max|w| / qmax (paper eq. 6), or, with
+    qmax = 0 (pruning), s(w) = λ_s·|w| + ε. The operations of :meth:`PSGD._foreach_scale`
+    and the product with the gradient, in their order and in the weights' dtype (``qmax``,
+    ``lambda_s``, ``eps`` are of that dtype). Returns max|w|, not finite (and ``out`` left
+    unwritten) if a weight is not; then 0 when pruning. Compiled with numba for the CPU
+    (:func:`_scaled_gradient_loop`)."""
+    peak = lambda_s - lambda_s  # 0 in the weights' dtype
+    if qmax == 0:
+        for i in range(w.size):
+            out[i] = g[i] * (abs(w[i]) * lambda_s + eps)
+        return peak
+    top = word[:0].sum() & mask  # max|w|'s bits: the sign bit cleared, the bits of a
+    for i in range(word.size):  # non-negative float order as integers, and NaN > ∞
+        top = max(top, word[i] & mask)
+    peak = np.full(1, top, word.dtype).view(w.dtype)[0]
+    if not np.isfinite(peak):
+        return peak
+    delta = peak / qmax if peak > 0 else qmax / qmax  # Δ (1 if every weight is 0)
+    for i in range(w.size):
+        out[i] = g[i] * (abs(np.rint(w[i] / delta) * delta - w[i]) * lambda_s + eps)
+    return peak
+
+
+#: The dtypes the compiled :func:`scaled_gradient` takes: their numpy scalar type, the
+#: integer dtype of their bits, and the mask that clears the sign bit.
+_LOOP_TYPES = {torch.float32: (np.float32, torch.int32, np.int64(2 ** 31 - 1)),
+               torch.float64: (np.float64, torch.int64, np.int64(2 ** 63 - 1))}
+
+
+@functools.cache
+def _scaled_gradient_loop():
+    """:func:`scaled_gradient` compiled by numba (None without numba), made on the first
+    CPU step: right after the backward pass, each of the dozen small tensor operations of
+    the multi-tensor path costs more than its arithmetic (``python -m lowbit.bench psgd``)."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover
+        return None
+    return numba.njit(cache=True)(scaled_gradient)
 
 
 def _rounded(x: float, dtype: torch.dtype) -> float:
