@@ -230,10 +230,11 @@ def random_words(n: int, generator: torch.Generator | None = None,
     return _splitmix64_torch(words, seed)
 
 
-def random_seed(generator: torch.Generator | None = None, device: torch.device | str = "cpu"
-                ) -> torch.Tensor:
-    """One uniformly random 64-bit state for :func:`random_words` (a 0-d int64 tensor)."""
-    seed = torch.empty((), dtype=torch.int64, device=device)
+def random_seed(generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """One uniformly random 64-bit state for :func:`random_words` (a 0-d int64 tensor; in
+    ``out``, one made beforehand, when given)."""
+    seed = torch.empty((), dtype=torch.int64, device=device) if out is None else out
     return seed.random_(-2 ** 63, None, generator=generator)  # all 64 bits uniform
 
 

@@ -30,6 +30,10 @@ class Workspace:
     def __init__(self, like: torch.Tensor) -> None:
         self.key = (like.shape, like.dtype, like.device)
         self.d, self.q = (torch.empty_like(like) for _ in range(2))
+        # the compiled loop's random state, read through a numpy view (no tensor operation)
+        self.seed = torch.empty((), dtype=torch.int64, device=like.device)
+        self.seed_bits = self.seed.reshape(1).numpy().view(np.uint64) \
+            if like.device.type == "cpu" else None
         # the torch operations' dither and its words; the compiled loop needs neither
         self.random: torch.Tensor | None = None
         self.u: torch.Tensor | None = None
@@ -189,7 +193,8 @@ def quantize_copies_compiled(x: torch.Tensor, copies: tuple[tuple[int, str], ...
     call of :func:`sr_loop` for both copies; with BHQ, one for the transformed rows (the
     reflections stay torch operations) and one for the other copy, from the same state,
     so that both see the same dither, as in :func:`~lowbit.fqt.quantize_copies`."""
-    seed = np.uint64(int(random_seed(generator)) % 2 ** 64)
+    random_seed(generator, out=work.seed)
+    seed = work.seed_bits[0]
     outs = [work.q, work.d][:len(copies)]
     if all(how != "bhq" for _, how in copies):
         _round(x, copies, seed, work, outs)

@@ -102,6 +102,7 @@ def zero_code_grid(lo: float, hi: float, bits: int) -> tuple[float, float]:
     return lo, span
 
 
+@functools.lru_cache(maxsize=None)
 def _min_span(bits: int, dtype: torch.dtype) -> float:
     """The narrowest span a grid keeps (:func:`grid`): B times the dtype's smallest normal."""
     return (2 ** bits - 1) * torch.finfo(dtype).tiny
