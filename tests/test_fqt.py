@@ -574,3 +574,31 @@ def test_random_words_are_splitmix64_on_every_path(monkeypatch):
     quant.random_words(10 ** 6, g1)
     torch.empty(1, dtype=torch.int64).random_(-2 ** 63, None, generator=g2)
     assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.skipif(fqt.compiled is None, reason="numba is not installed")
+def test_compiled_ranges_are_amin_and_amax_and_name_bad_values():
+    """The compiled loop finds each row's and each column's range itself: the same numbers
+    as amin/amax (exact zeros of both signs, as a ReLU's backward leaves them, included),
+    and a NaN or ±inf anywhere, in any row or column, is refused with the torch path's
+    message."""
+    from lowbit.fqt import kernel
+    x = torch.randn(32, 3000, generator=torch.Generator().manual_seed(0))
+    x[x.abs() < 0.5] = 0.0
+    x[::3][x[::3] == 0] = -0.0
+    xn = x.numpy()
+    for scope, dim, n in (("row", 1, 32), ("column", 0, 3000)):
+        lo, hi = np.empty(n, np.float32), np.empty(n, np.float32)
+        if scope == "row":
+            kernel._row_ranges(xn.view(np.int32), lo, hi)
+        else:
+            kernel._column_ranges(xn, lo, hi)
+        assert np.array_equal(lo, x.amin(dim).numpy()) and np.array_equal(hi, x.amax(dim).numpy())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0), (17, 2999), (31, 1234)):
+            g = x.clone()
+            g[where] = bad
+            for copies in (((4, "psq"), (8, "column")), ((8, "column"),), ((4, "psq"),)):
+                with pytest.raises(ValueError, match="non-finite"):
+                    fqt.quantize_copies_compiled(g, copies, torch.Generator().manual_seed(1),
+                                                 fqt.Workspace(g))

@@ -12,13 +12,16 @@ same order in one pass, making each row's random words (SplitMix64,
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from ..quant import DITHER_BITS, DITHER_HALF, dither, random_seed, splitmix64_word
 from .quantizers import _SCOPE, _check_finite, _min_span, bhq_plan, grid, reflect
 
-__all__ = ["Workspace", "round_row", "round_columns", "scales_loop", "sr_loop", "compiled",
+__all__ = ["Workspace", "round_row", "round_columns", "order_key", "row_ranges",
+           "column_ranges", "column_block", "scales_loop", "sr_loop", "compiled",
            "compiled_serial", "SERIAL_BELOW", "quantize_copies_compiled", "can_compile"]
 
 
@@ -34,9 +37,24 @@ class Workspace:
         self.seed = torch.empty((), dtype=torch.int64, device=like.device)
         self.seed_bits = self.seed.reshape(1).numpy().view(np.uint64) \
             if like.device.type == "cpu" else None
+        self._arrays: dict = {}  # numpy views of d and q, and the compiled loop's ranges
         # the torch operations' dither and its words; the compiled loop needs neither
         self.random: torch.Tensor | None = None
         self.u: torch.Tensor | None = None
+
+    def array(self, t: torch.Tensor) -> np.ndarray:
+        """The numpy view of ``t``, ``d`` or ``q`` (made once)."""
+        if id(t) not in self._arrays:
+            self._arrays[id(t)] = t.numpy()
+        return self._arrays[id(t)]
+
+    def ranges(self, scope: str, copy: int) -> tuple[np.ndarray, np.ndarray]:
+        """Memory for the lo and hi of copy ``copy``'s grids, per row or per column."""
+        key = (scope, copy)
+        if key not in self._arrays:
+            n = self.q.shape[0] if scope == "row" else self.q.shape[1]
+            self._arrays[key] = np.empty(n, np.float32), np.empty(n, np.float32)
+        return self._arrays[key]
 
     def dither(self, generator: torch.Generator | None) -> torch.Tensor:
         """The stochastic-rounding dither (:func:`lowbit.quant.dither`) in this memory
@@ -81,21 +99,83 @@ def round_columns(x, k, out, lo, per_code, step, big):
         out[j] = min(np.floor((x[j] - lo[j]) * per_code[j] + u), big) * step[j] + lo[j]
 
 
-def sr_loop(x, seed, big_a, scope_a, lo_a, hi_a, tiny_a, out_a,
-            big_b, scope_b, lo_b, hi_b, tiny_b, out_b):
-    """Stochastic rounding of the float32 rows ``x`` to one or two grids (b: skipped when
-    ``big_b`` is 0), everything after the ranges in one call:
+def order_key(b):
+    """A float32's bits ``b`` (as an integer) mapped so that the integers' order is the
+    floats' (NaNs beyond ±inf, so that a NaN reaches the minimum or the maximum): the sign
+    bit kept, the other bits flipped where it is set. Its own inverse."""
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
 
-    1. each grid's lowest values ``lo``, codes per unit and steps (as :func:`grid` and
-       :func:`code_scales` compute them), one per row (``scope`` 0), per column (1), or
-       one for the tensor (2, where ``hi`` already holds the span);
-    2. rows in parallel: each row's random words (SplitMix64 from ``seed``, the words of
+
+def row_ranges(xi, lo, hi):
+    """Each row's minimum and maximum of the float32 rows whose bits are ``xi``, into
+    ``lo`` and ``hi``: ``amin(1)`` and ``amax(1)``, NaN included (up to the sign of a zero,
+    which changes no rounded value), compared as :func:`order_key` integers, whose minima
+    vectorize. Rows in parallel."""
+    n, d = xi.shape
+    lo_bits, hi_bits = lo.view(np.int32), hi.view(np.int32)
+    for i in prange(n):
+        a, b = 2 ** 31 - 1, -2 ** 31
+        for j in range(d):
+            k = _order_key(xi[i, j])
+            a, b = min(a, k), max(b, k)
+        lo_bits[i], hi_bits[i] = _order_key(a), _order_key(b)
+
+
+def column_ranges(x, lo, hi):
+    """Each column's minimum and maximum of the float32 rows ``x``, into ``lo`` and ``hi``:
+    ``amin(0)`` and ``amax(0)`` (a column that holds a NaN or ±inf gets NaN for its
+    minimum: x·0 is NaN there). Blocks of 1024 columns in parallel (:func:`column_block`)."""
+    d = x.shape[1]
+    zero = np.empty(d, np.float32)
+    for c in prange((d + 1023) // 1024):
+        _column_block(x, lo, hi, zero, c * 1024, min(d, c * 1024 + 1024))
+
+
+def column_block(x, lo, hi, zero, j0, j1):
+    """:func:`column_ranges` for columns j0 … j1 − 1: one select per entry, over slices
+    (which numba knows to be contiguous: the loop vectorizes across the columns)."""
+    l, h, z = lo[j0:j1], hi[j0:j1], zero[j0:j1]
+    first = x[0, j0:j1]
+    for j in range(j1 - j0):
+        l[j] = h[j] = first[j]
+        z[j] = 0
+    for i in range(x.shape[0]):
+        r = x[i, j0:j1]
+        for j in range(j1 - j0):
+            v = r[j]
+            l[j] = v if v < l[j] else l[j]
+            h[j] = v if v > h[j] else h[j]
+            z[j] += v * np.float32(0)
+    for j in range(j1 - j0):
+        if z[j] != 0:
+            l[j] = np.nan
+
+
+def sr_loop(x, xi, seed, big_a, scope_a, lo_a, hi_a, tiny_a, out_a,
+            big_b, scope_b, lo_b, hi_b, tiny_b, out_b):
+    """Stochastic rounding of the float32 rows ``x`` (``xi``: their bits as int32) to one
+    or two grids (b: skipped when ``big_b`` is 0) in one call:
+
+    1. each grid's range, one per row (``scope`` 0: :func:`row_ranges`) or per column (1:
+       :func:`column_ranges`), found here into ``lo`` and ``hi``; for the tensor (2),
+       ``lo`` and ``hi`` hold :func:`grid`'s lo and span;
+    2. each grid's codes per unit and steps (as :func:`grid` and :func:`code_scales`
+       compute them);
+    3. rows in parallel: each row's random words (SplitMix64 from ``seed``, the words of
        :func:`lowbit.quant.random_words` that hold the row's levels), then the rounding
        with the dither of their int16 levels (:func:`round_row`, :func:`round_columns`:
        loops short enough to vectorize).
 
     Returns False, before drawing anything, if a range is not finite."""
     n, d = x.shape
+    if scope_a == 0:
+        _row_ranges(xi, lo_a, hi_a)
+    elif scope_a == 1:
+        _column_ranges(x, lo_a, hi_a)
+    if big_b and scope_b == 0:
+        _row_ranges(xi, lo_b, hi_b)
+    elif big_b and scope_b == 1:
+        _column_ranges(x, lo_b, hi_b)
     pc_a, st_a = _scales(lo_a, hi_a, tiny_a, np.float32(big_a), scope_a)
     pc_b, st_b = _scales(lo_b, hi_b, tiny_b, np.float32(big_b), scope_b)
     if pc_a.size == 0 or pc_b.size == 0:
@@ -128,6 +208,10 @@ try:  # numba compiles the loop; without it, the torch operations do the same wo
     import numba
     prange = numba.prange
     _splitmix64_word = numba.njit(inline="always", cache=True)(splitmix64_word)
+    _order_key = numba.njit(inline="always", cache=True)(order_key)
+    _row_ranges = numba.njit(inline="always", cache=True)(row_ranges)
+    _column_block = numba.njit(cache=True)(column_block)
+    _column_ranges = numba.njit(inline="always", cache=True)(column_ranges)
     _scales = numba.njit(cache=True)(scales_loop)
     _round_row = numba.njit(inline="always", cache=True)(round_row)
     _round_columns = numba.njit(inline="always", cache=True)(round_columns)
@@ -138,6 +222,8 @@ try:  # numba compiles the loop; without it, the torch operations do the same wo
 except ImportError:  # pragma: no cover
     prange, compiled, compiled_serial = range, None, None
     _splitmix64_word, _scales = splitmix64_word, scales_loop
+    _order_key, _row_ranges, _column_ranges = order_key, row_ranges, column_ranges
+    _column_block = column_block
     _round_row, _round_columns = round_row, round_columns
 
 #: Below this many values a gradient is rounded on one thread, where waking the others
@@ -153,36 +239,38 @@ def can_compile(x: torch.Tensor, copies: tuple[tuple[int, str], ...]) -> bool:
             and x.is_contiguous() and 1 <= len(copies) <= 2)
 
 
-def _ranges(x: torch.Tensor, scope: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lo, hi) per row or column, or, per tensor, (lo, span) of :func:`grid` (its ranges
-    are checked there: one number each, computed in Python)."""
-    if scope == "row":
-        return x.amin(1), x.amax(1)
-    if scope == "column":
-        return x.amin(0), x.amax(0)
-    lo, span = grid(x, scope, bits)
-    return lo.reshape(1), span.reshape(1)
-
-
 def _round(x: torch.Tensor, copies: tuple[tuple[int, str], ...], seed: np.uint64,
            work: Workspace, outs: list[torch.Tensor]) -> None:
-    """One call of :func:`sr_loop`: ``x`` rounded to one or two grids into ``outs``."""
-    args, ranges = [], []
+    """One call of :func:`sr_loop`: ``x`` rounded to one or two grids into ``outs`` (ranges
+    per row or column are found in the call, into memory the workspace keeps; per tensor,
+    :func:`grid` finds them)."""
+    args = []
     for bits, how in copies:
         scope = _SCOPE.get(how, how)
-        lo, hi = _ranges(x, scope, bits)
-        ranges.append((scope, lo, hi))
-        args.append((2 ** bits - 1, _SCOPES[scope], lo.numpy(), hi.numpy(),
-                     np.float32(_min_span(bits, x.dtype))))
+        if scope in ("row", "column"):
+            lo, hi = work.ranges(scope, len(args))
+        else:
+            lo, hi = (t.reshape(1).numpy() for t in grid(x, scope, bits))
+        args.append((2 ** bits - 1, _SCOPES[scope], lo, hi, _tiny(bits)))
     if len(copies) == 1:
         args.append((0,) + args[0][1:])
     loop = compiled_serial if x.numel() < SERIAL_BELOW else compiled
-    ok = loop(x.numpy(), seed, *args[0], outs[0].numpy(), *args[1], outs[-1].numpy())
-    if not ok:  # a NaN, an inf or an overflowing range: grid() names it
-        for scope, lo, hi in ranges:
+    xn = x.numpy()
+    ok = loop(xn, xn.view(np.int32), seed, *args[0], work.array(outs[0]), *args[1],
+              work.array(outs[-1]))
+    if not ok:  # a NaN, an inf or an overflowing range: name it as grid() does
+        for bits, how in copies:
+            scope = _SCOPE.get(how, how)
             if scope in ("row", "column"):
-                _check_finite(x, lo, hi, "gradient")
+                dim = 1 if scope == "row" else 0
+                _check_finite(x, x.amin(dim), x.amax(dim), "gradient")
         raise AssertionError("sr_loop found a range that is not finite")  # pragma: no cover
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(bits: int) -> np.float32:
+    """The narrowest float32 span of a ``bits`` grid, as :func:`sr_loop` takes it."""
+    return np.float32(_min_span(bits, torch.float32))
 
 
 def quantize_copies_compiled(x: torch.Tensor, copies: tuple[tuple[int, str], ...],
