@@ -1,4 +1,5 @@
 """SLB: value sets, expectation and argmax weights, schedules, state BN, export, bad input."""
+import copy
 import math
 
 import pytest
@@ -128,6 +129,49 @@ def test_update_discrete_stats_touches_only_the_discrete_set():
     slb.update_discrete_stats(model, torch.randn(4, 1, 28, 28))
     assert torch.equal(bn.statistics("continuous")[0], before_c)
     assert not torch.equal(bn.statistics("discrete")[0], before_d)
+
+
+class _TwiceBN(nn.Module):
+    """A network that runs one state BN twice, with a stateless head after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = slb.SLBConv2d(1, 4, 3, padding=1, bits=2)
+        self.bn = slb.StateBatchNorm2d(4)
+        self.head = slb.SLBLinear(4, 3, bits=2)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        h = self.bn(torch.relu(h))  # the same BN, a second time
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("make", ["cnn", "cnn_act4", "twice"])
+def test_discrete_pass_that_stops_early_keeps_every_statistic(make):
+    """update_discrete_stats stops after the last module that keeps statistics; every
+    buffer (state BNs, activation quantizers' running ranges, a BN run twice) ends bit for
+    bit as after whole forward passes, over several batches and after the model changes."""
+    torch.manual_seed(5)
+    model = {"cnn": lambda: slb.convert(SmallCNN(), 2),
+             "cnn_act4": lambda: slb.convert(SmallCNN(), 2, act_bits=4),
+             "twice": _TwiceBN}[make]()
+    if make == "cnn_act4":
+        model(torch.randn(8, 1, 28, 28))  # the activation ranges start from a batch
+    whole = copy.deepcopy(model)
+    shape = (8, 1, 28, 28) if make != "twice" else (8, 1, 6, 6)
+    for step in range(4):
+        x = torch.randn(shape)
+        slb.update_discrete_stats(model, x)
+        with torch.no_grad(), slb.use_state(whole, "discrete"):
+            whole(x)
+        if step == 1 and make == "cnn":  # a new classifier: the count is made again
+            for m in (model, whole):
+                m.classifier = slb.SLBLinear(1568, 10, bits=2)
+                m.classifier.load_state_dict(whole.classifier.state_dict())
+                m.features.append(slb.StateBatchNorm2d(32))
+            model.features[-1].load_state_dict(whole.features[-1].state_dict())
+        for (name, a), (_, b) in zip(model.named_buffers(), whole.named_buffers()):
+            assert torch.equal(a, b), (make, step, name)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])

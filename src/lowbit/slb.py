@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
 
@@ -621,16 +622,60 @@ def convert(model: nn.Module, bits: int, act_bits: int | None = None, sbn: bool 
     return model
 
 
+class _PassDone(Exception):
+    """Raised by a hook to end the discrete pass once nothing after it keeps statistics."""
+
+
+def _keeps_statistics(m: nn.Module) -> bool:
+    """Whether a training-mode forward of ``m`` may change its own buffers (a BatchNorm's,
+    a state BN's, an activation quantizer's running range, any module of unknown kind that
+    has buffers); an SLB layer's value set never changes."""
+    return not isinstance(m, _SLBWeight) and next(m.buffers(recurse=False), None) is not None
+
+
+#: Per model, the modules that keep statistics and how many calls of them one forward
+#: makes (the discrete pass stops after the last of them).
+_PASS_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 @torch.no_grad()
 def update_discrete_stats(model: nn.Module, x: torch.Tensor) -> None:
     """Run ``x`` through the discrete network in training mode without gradients (no graph
     is recorded): the discrete statistics of every state BN see the batch (the second pass
-    of SBN)."""
+    of SBN), and so does every other module that keeps statistics (an activation
+    quantizer's running range).
+
+    The pass stops right after the last call of such a module: what follows it (often the
+    classifier, and its discrete weight) changes no statistic. The first pass of a model
+    runs to its end and counts those calls, a module called twice counted twice; the count
+    is made again whenever the model's modules change. (A model whose number of such calls
+    depends on its input would need every pass to run to the end: call ``model(x)`` under
+    :func:`use_state` instead.)"""
     was = model.training
     model.train()
-    with use_state(model, "discrete"):
-        model(x)
-    model.train(was)
+    keepers = [m for m in model.modules() if _keeps_statistics(m)]
+    key = tuple(map(id, keepers))
+    plan = _PASS_PLANS.get(model)
+    calls = [0]
+    if plan is None or plan[0] != key:
+        def hook(*_):
+            calls[0] += 1
+    else:
+        def hook(*_):
+            calls[0] += 1
+            if calls[0] == plan[1]:
+                raise _PassDone
+    handles = [m.register_forward_hook(hook) for m in keepers]
+    try:
+        with use_state(model, "discrete"):
+            model(x)
+        _PASS_PLANS[model] = (key, calls[0])
+    except _PassDone:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
 
 
 @torch.no_grad()
