@@ -324,3 +324,34 @@ def test_value_set_with_zero():
     torch.testing.assert_close(layer.discrete_weight(), scale * (2 * k.float() / 2 - 1))
     out = slb.export(m)
     assert out(torch.randn(2, 6)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_state_bn_without_autograd_is_batch_norm(momentum):
+    """In training mode without autograd (SBN's discrete pass, a recalibration), a state
+    BN normalizes with a compiled loop: the output and the running statistics are
+    F.batch_norm's up to the rounding of its sums, over several batches; with autograd,
+    F.batch_norm itself runs; a batch of one value per channel gets torch's error."""
+    torch.manual_seed(6)
+    bn = slb.StateBatchNorm2d(5, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    ref = nn.BatchNorm2d(5, momentum=momentum)
+    ref.load_state_dict({"weight": bn.weight, "bias": bn.bias}, strict=False)
+    bn.train(), ref.train()
+    for _ in range(3):
+        x = torch.randn(6, 5, 7, 9) * 3 + torch.randn(1, 5, 1, 1) * 4
+        with torch.no_grad():
+            out, expected = bn(x), ref(x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.statistics("continuous")[0], ref.running_mean,
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.statistics("continuous")[1], ref.running_var,
+                                   rtol=1e-5, atol=1e-6)
+    x = torch.randn(6, 5, 7, 9, requires_grad=True)
+    mean, var = (t.clone() for t in bn.statistics("continuous"))
+    assert torch.equal(bn(x), nn.functional.batch_norm(  # with autograd: F.batch_norm
+        x, mean, var, bn.weight, bn.bias, True, momentum or 1 / 4, bn.eps))
+    with torch.no_grad(), pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(torch.randn(1, 5, 1, 1))
