@@ -265,7 +265,7 @@ class _StateBatchNorm(nn.Module):
             batches.add_(1)
             if momentum is None:  # cumulative average, as in nn.BatchNorm
                 momentum = 1.0 / float(batches)
-            if not torch.is_grad_enabled() and _compiled_fits(x, mean, var):
+            if not torch.is_grad_enabled() and _compiled_fits(x, mean, var, self.weight):
                 return _batch_norm_compiled(x, self.weight, self.bias, self.eps, momentum,
                                             mean, var)
         return F.batch_norm(x, mean, var, self.weight, self.bias, self.training,
@@ -290,7 +290,7 @@ def batch_norm_loop(x, weight, bias, eps, momentum, running_mean, running_var, o
     rounding of its sums. Compiled with numba (:func:`_batch_norm_loop`)."""
     n_batch, channels, length = x.shape
     n = n_batch * length
-    for c in prange(channels):
+    for c in range(channels):
         total = 0.0
         for i in range(n_batch):
             for j in range(length):
@@ -310,30 +310,27 @@ def batch_norm_loop(x, weight, bias, eps, momentum, running_mean, running_var, o
         running_var[c] = (1 - momentum) * running_var[c] + momentum * var * n / (n - 1)
 
 
-prange = range  # numba's, once _batch_norm_loop has compiled the loop
-
-
 @functools.cache
 def _batch_norm_loop():
     """:func:`batch_norm_loop` compiled (None without numba), made on first use. Sums are
     reassociated (fastmath), so that they vectorize: on a CPU the NCHW training-mode
     ``F.batch_norm`` costs about four times as much, and SBN's discrete pass runs one per
-    state BN at every step (``python -m lowbit.bench slb``)."""
-    global prange
+    state BN at every step (``python -m lowbit.bench slb``). One thread: numba's threads
+    would compete with the convolutions' for the cores."""
     try:
         import numba
     except ImportError:  # pragma: no cover
         return None
-    prange = numba.prange
     return numba.njit(fastmath=True, cache=True)(batch_norm_loop)
 
 
-def _compiled_fits(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> bool:
-    """Whether :func:`batch_norm_loop` takes this batch: float32 on the CPU, (N, C, H, W)
-    contiguous, more than one value per channel (else ``F.batch_norm`` names the error)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and x.is_contiguous() and x.numel() > x.shape[1] and mean.dtype == torch.float32
-            and var.dtype == torch.float32 and _batch_norm_loop() is not None)
+def _compiled_fits(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether :func:`batch_norm_loop` takes this batch and these statistics and weights:
+    float32 on the CPU, (N, C, H, W) contiguous, more than one value per channel (else
+    ``F.batch_norm`` names the error)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
+            and x.numel() > x.shape[1] and _batch_norm_loop() is not None
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, *others)))
 
 
 def _batch_norm_compiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
