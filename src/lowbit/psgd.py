@@ -301,13 +301,13 @@ class PSGD(torch.optim.Optimizer):
 
 
 def scaled_gradient(w, word, g, out, qmax, lambda_s, eps, mask):
-    """out = s(w) ⊙ g for one flattened parameter ``w`` (``word``: its bits as integers),
-    with s(w) = λ_s·|Δ·round(w/Δ) − w| + ε and Δ = max|w| / qmax (paper eq. 6), or, with
-    qmax = 0 (pruning), s(w) = λ_s·|w| + ε. The operations of :meth:`PSGD._foreach_scale`
-    and the product with the gradient, in their order and in the weights' dtype (``qmax``,
-    ``lambda_s``, ``eps`` are of that dtype). Returns max|w|, not finite (and ``out`` left
-    unwritten) if a weight is not; then 0 when pruning. Compiled with numba for the CPU
-    (:func:`_scaled_gradient_loop`)."""
+    """``out = s(w) ⊙ g`` for one flattened parameter ``w`` (``word``: its bits as
+    integers), with ``s(w) = λ_s·|Δ·round(w/Δ) − w| + ε`` and ``Δ = max|w| / qmax`` (paper
+    eq. 6), or, with ``qmax = 0`` (pruning), ``s(w) = λ_s·|w| + ε``. The operations of
+    ``PSGD._foreach_scale`` and the product with the gradient, in their order and in the
+    weights' dtype (``qmax``, ``lambda_s``, ``eps`` are of that dtype). Returns ``max|w|``,
+    not finite (and ``out`` left unwritten) if a weight is not; then 0 when pruning.
+    Compiled with numba for the CPU (``_scaled_gradient_loop``)."""
     peak = lambda_s - lambda_s  # 0 in the weights' dtype
     if qmax == 0:
         for i in range(w.size):

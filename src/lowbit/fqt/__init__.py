@@ -33,8 +33,8 @@ from .quantizers import (FORWARD_BITS, GRAD_BITS, PT_VARIANTS, QUANTIZERS, BHQPl
                          householder_max, quantize_bhq, quantize_copies, quantize_gradient,
                          quantize_psq, quantize_pt, reflect, reflect_loop, rows_on_grid, sr_codes,
                          zero_code_grid)
-from .kernel import (Workspace, can_compile, compiled, quantize_copies_compiled, round_columns,
-                     round_row, sr_loop)
+from .kernel import (Workspace, can_compile, column_block, column_ranges, compiled, order_key,
+                     quantize_copies_compiled, round_columns, round_row, row_ranges, sr_loop)
 from .layers import (FQTConv2d, FQTFunction, FQTLinear, QuantizedBackward, backward_copies,
                      check_settings, configure, convert, fqt_layer_names, fqt_layers, forward_quant, wrap)
 from .shadow_free import GridSGD, on_grid
@@ -48,7 +48,7 @@ __all__ = ["FORWARD_BITS", "GRAD_BITS", "PT_VARIANTS", "QUANTIZERS", "BHQPlan", 
            "quantize_bhq", "quantize_copies", "quantize_gradient", "quantize_psq",
            "quantize_pt", "reflect", "reflect_loop", "rows_on_grid", "sr_codes", "zero_code_grid", "Workspace",
            "can_compile", "compiled", "quantize_copies_compiled", "sr_loop", "round_row",
-           "round_columns", "FQTConv2d",
+           "round_columns", "order_key", "row_ranges", "column_ranges", "column_block", "FQTConv2d",
            "FQTFunction", "FQTLinear", "QuantizedBackward", "backward_copies", "check_settings", "configure",
            "convert", "wrap",
            "fqt_layers", "fqt_layer_names", "forward_quant", "bins_used", "codes", "gradient_statistics",
