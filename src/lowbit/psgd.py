@@ -181,10 +181,7 @@ class PSGD(torch.optim.Optimizer):
         qmax = 2 ** (bits - 1) - 1
         peaks = max_abs(ps)  # max|w| of each tensor
         values = peaks.tolist()  # (on a GPU, a synchronization)
-        if not all(map(math.isfinite, values)):
-            bad = [tuple(p.shape) for p, v in zip(ps, values) if not math.isfinite(v)]
-            raise ValueError(f"non-finite weights in parameter(s) with shapes {bad}; "
-                             "no parameter was updated")
+        _check_peaks(ps, values)
         if peaks.device.type == "cpu":
             # Δ = max|w| / qmax rounded to the weights' dtype, as the tensors compute it
             # (a division in double precision, then rounded, is the float32 one, as
@@ -213,10 +210,7 @@ class PSGD(torch.optim.Optimizer):
                 scalars[real] = real(qmax), real(lambda_s), real(eps), mask
             peaks.append(loop(w, word, g.view(-1).numpy(), o_np, *scalars[real]))
             out.append(o)
-        if not all(map(math.isfinite, peaks)):
-            bad = [tuple(p.shape) for p, v in zip(ps, peaks) if not math.isfinite(v)]
-            raise ValueError(f"non-finite weights in parameter(s) with shapes {bad}; "
-                             "no parameter was updated")
+        _check_peaks(ps, peaks)
         return out
 
     def _loop_arrays(self, p: torch.Tensor) -> tuple:
@@ -298,6 +292,14 @@ class PSGD(torch.optim.Optimizer):
                 for p, buf in zip(ps, bufs):
                     self.state[p]["momentum_buffer"] = buf
         return loss
+
+
+def _check_peaks(ps: list[torch.Tensor], peaks: list[float]) -> None:
+    """Raises a ValueError naming the parameters whose max|w| (``peaks``) is not finite."""
+    if not all(map(math.isfinite, peaks)):
+        bad = [tuple(p.shape) for p, v in zip(ps, peaks) if not math.isfinite(v)]
+        raise ValueError(f"non-finite weights in parameter(s) with shapes {bad}; "
+                         "no parameter was updated")
 
 
 def scaled_gradient(w, word, g, out, qmax, lambda_s, eps, mask):

@@ -12,8 +12,6 @@ same order in one pass, making each row's random words (SplitMix64,
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
@@ -251,7 +249,8 @@ def _round(x: torch.Tensor, copies: tuple[tuple[int, str], ...], seed: np.uint64
             lo, hi = work.ranges(scope, len(args))
         else:
             lo, hi = (t.reshape(1).numpy() for t in grid(x, scope, bits))
-        args.append((2 ** bits - 1, _SCOPES[scope], lo, hi, _tiny(bits)))
+        args.append((2 ** bits - 1, _SCOPES[scope], lo, hi,
+                     np.float32(_min_span(bits, x.dtype))))
     if len(copies) == 1:
         args.append((0,) + args[0][1:])
     loop = compiled_serial if x.numel() < SERIAL_BELOW else compiled
@@ -265,12 +264,6 @@ def _round(x: torch.Tensor, copies: tuple[tuple[int, str], ...], seed: np.uint64
                 dim = 1 if scope == "row" else 0
                 _check_finite(x, x.amin(dim), x.amax(dim), "gradient")
         raise AssertionError("sr_loop found a range that is not finite")  # pragma: no cover
-
-
-@functools.lru_cache(maxsize=None)
-def _tiny(bits: int) -> np.float32:
-    """The narrowest float32 span of a ``bits`` grid, as :func:`sr_loop` takes it."""
-    return np.float32(_min_span(bits, torch.float32))
 
 
 def quantize_copies_compiled(x: torch.Tensor, copies: tuple[tuple[int, str], ...],
