@@ -180,6 +180,29 @@ def test_channels_last_max_pool_is_nn_max_pool_bit_for_bit(ties):
     assert outs[0][0].is_contiguous() and outs[0][1].is_contiguous()
 
 
+@pytest.mark.parametrize("shape, kernel, stride", [((4, 6, 10, 10), 2, None),
+                                                   ((2, 3, 11, 13), 2, None),
+                                                   ((2, 3, 12, 12), 3, None),
+                                                   ((2, 3, 9, 10), (3, 2), None),
+                                                   ((2, 3, 9, 9), 3, 2)])
+def test_max_pool_without_autograd_is_nn_max_pool(shape, kernel, stride):
+    """Without autograd, lowbit.models.MaxPool2d pools tiling windows as maxima of strided
+    views (models.tile_max): nn.MaxPool2d's values, with ties, NaN, +-inf and the rows and
+    columns that fill no window; overlapping windows take the channels-last path."""
+    from torch import nn
+    from lowbit.models import MaxPool2d
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x[0, 0, 0, 0], x[1, 1, 2, 3], x[1, 2, 4, 4] = float("nan"), float("inf"), -float("inf")
+    for z in (x, (x * 2).round().clamp(0, 3)):
+        want = nn.MaxPool2d(kernel, stride)(z)
+        with torch.no_grad():
+            got = MaxPool2d(kernel, stride)(z)
+        assert got.shape == want.shape and got.is_contiguous()
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def test_small_cnn_trains_as_with_nn_max_pool():
     """Three SGD steps of the book's CNN end on the same weights, bit for bit, whichever
     max-pool it uses: the faster pooling changes no number the book reports."""
