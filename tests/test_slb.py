@@ -131,6 +131,22 @@ def test_update_discrete_stats_touches_only_the_discrete_set():
     assert not torch.equal(bn.statistics("discrete")[0], before_d)
 
 
+def test_update_discrete_stats_puts_back_every_mode_and_state():
+    """The discrete pass runs in training mode and the discrete state, then leaves each
+    module as it found it: a module in evaluation mode inside a training model stays so."""
+    torch.manual_seed(3)
+    model = slb.convert(SmallCNN(), 2)
+    model.features[0].state = "continuous"
+    model.classifier.eval()
+    modes = [(m.training, getattr(m, "state", None)) for m in model.modules()]
+    seen = []
+    model.features[1].register_forward_pre_hook(
+        lambda m, _: seen.append((m.training, m.state, model.features[0].state)))
+    slb.update_discrete_stats(model, torch.randn(4, 1, 28, 28))
+    assert seen == [(True, "discrete", "discrete")]
+    assert [(m.training, getattr(m, "state", None)) for m in model.modules()] == modes
+
+
 class _TwiceBN(nn.Module):
     """A network that runs one state BN twice, with a stateless head after it."""
 
@@ -355,3 +371,51 @@ def test_state_bn_without_autograd_is_batch_norm(momentum):
         x, mean, var, bn.weight, bn.bias, True, momentum or 1 / 4, bn.eps))
     with torch.no_grad(), pytest.raises(ValueError, match="more than 1 value per channel"):
         bn(torch.randn(1, 5, 1, 1))
+
+
+@pytest.mark.parametrize("alpha", ["learned", "fixed"])
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_compiled_discrete_weight_is_the_argmax_value_bit_for_bit(alpha, bits):
+    """Without autograd on a CPU the discrete weight comes from one compiled pass; it is
+    alpha * values[logits.max(0).indices] to the bit, with tied logits (the first wins) and
+    a NaN logit (it counts as the largest); with autograd alpha keeps its gradient."""
+    torch.manual_seed(bits)
+    layer = slb.SLBConv2d(3, 5, 3, bits=bits, alpha=alpha)
+    with torch.no_grad():
+        layer.logits.copy_((layer.logits * 2).round())  # many ties
+        layer.logits[-1, 0, 0, 0, 0] = float("nan")
+        if alpha == "learned":
+            layer.log_alpha.fill_(-1.2345)
+    want = (layer.alpha * layer.values[layer.logits.max(0).indices]).detach()
+    with torch.no_grad():
+        got = layer.discrete_weight()
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert got[0, 0, 0, 0] == layer.alpha.detach() * layer.values[-1]
+    with_grad = layer.discrete_weight()
+    assert torch.equal(with_grad.detach(), want)
+    assert with_grad.requires_grad == (alpha == "learned")
+
+
+@pytest.mark.parametrize("alpha", ["learned", "fixed"])
+@pytest.mark.parametrize("bits, tau", [(1, 1.0), (2, 1.0), (2, 0.05), (3, 0.3)])
+def test_expected_weight_gradient_in_closed_form_is_autograds(alpha, bits, tau):
+    """On a CPU the expected weight is slb.ExpectedWeight: the forward is autograd's path
+    bit for bit, and the closed-form gradients of the logits and of log(alpha) are the ones
+    autograd takes through softmax, sum and product, up to float32 rounding (a cold 0.05
+    included, where the softmax is nearly one-hot)."""
+    torch.manual_seed(bits)
+    layer = slb.SLBConv2d(4, 6, 3, bits=bits, temperature=tau, alpha=alpha)
+    g = torch.randn(6, 4, 3, 3)
+    w = layer.expected_weight()
+    assert w.grad_fn is not None and type(w.grad_fn).__name__ == "ExpectedWeightBackward"
+    (w * g).sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    p = layer.probabilities()
+    ref = layer.alpha * (layer.values @ p.reshape(len(layer.values), -1)).reshape(p.shape[1:])
+    (ref * g).sum().backward()
+    assert torch.equal(w.detach(), ref.detach())
+    for got, (name, param) in zip(grads, layer.named_parameters()):
+        # float32 rounding, relative to the gradient's scale (the softmax's small entries)
+        torch.testing.assert_close(got, param.grad, rtol=1e-5,
+                                   atol=1e-6 * float(param.grad.abs().max()), msg=name)

@@ -38,6 +38,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,7 +50,8 @@ __all__ = ["VALUE_SETS", "ArgmaxTracker", "logit_margins", "gap_bound", "gap_at"
            "GapSchedule", "GapAnnealer", "value_set", "check_temperature", "SLBConv2d", "SLBLinear", "StateBatchNorm1d",
            "StateBatchNorm2d", "slb_layers", "set_temperature", "use_state", "layer_gap",
            "model_gap", "TemperatureSchedule", "Annealer", "convert", "update_discrete_stats",
-           "recalibrate_bn", "export", "codes", "parameter_memory"]
+           "recalibrate_bn", "export", "codes", "parameter_memory", "ExpectedWeight",
+           "expected_weight_grad_loop", "discrete_weight_loop"]
 
 State = Literal["auto", "continuous", "discrete"]
 STATES = ("auto", "continuous", "discrete")
@@ -140,13 +142,27 @@ class _SLBWeight(nn.Module):
         return torch.softmax(self.logits / self.temperature, dim=0)
 
     def expected_weight(self) -> torch.Tensor:
-        """The continuous weight W̃ = α Σ_i P_i v_i (paper eq. 6)."""
+        """The continuous weight W̃ = α Σ_i P_i v_i (paper eq. 6). On a CPU its gradient
+        comes from :class:`ExpectedWeight`'s closed form."""
+        alpha = self.alpha
+        if _compiled_fits(self.logits, self.values, alpha) and self.logits.is_contiguous():
+            return ExpectedWeight.apply(self.logits, alpha, self.values, self.temperature)
         p = self.probabilities()
-        return self.alpha * (self.values @ p.reshape(len(self.values), -1)).reshape(p.shape[1:])
+        return alpha * (self.values @ p.reshape(len(self.values), -1)).reshape(p.shape[1:])
 
     def discrete_weight(self) -> torch.Tensor:
-        """The discrete weight Ŵ = α v_argmax (what the exported model uses)."""
-        return self.alpha * self.values[self.argmax()]
+        """The discrete weight Ŵ = α v_argmax (what the exported model uses). Without
+        autograd on a CPU, one compiled pass over the logits (:func:`discrete_weight_loop`)
+        gives it bit for bit, in place of four tensor operations (SLB's discrete pass
+        builds it at every step)."""
+        alpha = self.alpha
+        if not (alpha.requires_grad and torch.is_grad_enabled()) and \
+                _compiled_fits(self.logits, self.values, alpha) and self.logits.is_contiguous():
+            out = torch.empty(self.weight_shape, dtype=torch.float32)
+            _discrete_weight_loop()(self.logits.detach().numpy().reshape(len(self.values), -1),
+                                    self.values.numpy(), alpha.item(), out.numpy().reshape(-1))
+            return out
+        return alpha * self.values[self.argmax()]
 
     def argmax(self) -> torch.Tensor:
         """Index of each weight's most probable value (``max(0).indices``: on the CPU
@@ -175,6 +191,63 @@ class _SLBWeight(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.weight_shape}, bits={self.bits}, temperature={self.temperature:.4g}, "
                 f"state={self.state}")
+
+
+class ExpectedWeight(torch.autograd.Function):
+    """W̃ = α Σ_i p_i v_i with p = softmax(A/τ) over the value axis (paper eq. 6), and its
+    gradient in closed form, one compiled pass (:func:`expected_weight_grad_loop`)::
+
+        ∂L/∂A_i = (α/τ) · g · p_i · (v_i − e),   ∂L/∂α = Σ g · e,   e = Σ_i p_i v_i
+
+    (g = ∂L/∂W̃), which is what autograd computes through the softmax, the sum and the
+    product in five steps. CPU, float32."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, alpha: torch.Tensor, values: torch.Tensor,
+                tau: float) -> torch.Tensor:
+        p = torch.softmax(logits / tau, 0)
+        e = (values @ p.view(len(values), -1)).view(p.shape[1:])
+        ctx.save_for_backward(p, e, values)
+        ctx.alpha, ctx.tau = alpha.item(), tau
+        return alpha * e
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        p, e, values = ctx.saved_tensors
+        m = len(values)
+        grad = torch.empty_like(p)
+        total = _expected_weight_grad_loop()(
+            p.numpy().reshape(m, -1), e.numpy().reshape(-1), values.numpy(),
+            g.contiguous().numpy().reshape(-1), ctx.alpha / ctx.tau, grad.numpy().reshape(m, -1))
+        return grad, torch.tensor(total, dtype=torch.float32), None, None
+
+
+def expected_weight_grad_loop(p, e, values, g, scale, grad):
+    """``grad[i, j] = scale · g[j] · p[i, j] · (values[i] − e[j])``, and Σ_j g[j]·e[j]
+    returned (:class:`ExpectedWeight`'s backward; ``scale`` = α/τ). Compiled with numba."""
+    total = 0.0
+    for j in range(p.shape[1]):
+        total += g[j] * e[j]
+    for i in range(p.shape[0]):
+        for j in range(p.shape[1]):
+            grad[i, j] = scale * g[j] * p[i, j] * (values[i] - e[j])
+    return total
+
+
+def _expected_weight_grad_loop():
+    """:func:`expected_weight_grad_loop` compiled, sums reassociated (fastmath)."""
+    return _numba(expected_weight_grad_loop, fastmath=True)
+
+
+@functools.cache
+def _numba(loop, fastmath: bool = False):
+    """``loop`` compiled by numba for the CPU on its first use (None without numba)."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover
+        return None
+    return numba.njit(fastmath=fastmath, cache=True)(loop)
 
 
 class SLBConv2d(_SLBWeight):
@@ -265,7 +338,7 @@ class _StateBatchNorm(nn.Module):
             batches.add_(1)
             if momentum is None:  # cumulative average, as in nn.BatchNorm
                 momentum = 1.0 / float(batches)
-            if not torch.is_grad_enabled() and _compiled_fits(x, mean, var, self.weight):
+            if not torch.is_grad_enabled() and _batch_fits(x, mean, var, self.weight):
                 return _batch_norm_compiled(x, self.weight, self.bias, self.eps, momentum,
                                             mean, var)
         return F.batch_norm(x, mean, var, self.weight, self.bias, self.training,
@@ -310,27 +383,49 @@ def batch_norm_loop(x, weight, bias, eps, momentum, running_mean, running_var, o
         running_var[c] = (1 - momentum) * running_var[c] + momentum * var * n / (n - 1)
 
 
-@functools.cache
 def _batch_norm_loop():
     """:func:`batch_norm_loop` compiled (None without numba), made on first use. Sums are
     reassociated (fastmath), so that they vectorize: on a CPU the NCHW training-mode
     ``F.batch_norm`` costs about four times as much, and SBN's discrete pass runs one per
     state BN at every step (``python -m lowbit.bench slb``). One thread: numba's threads
     would compete with the convolutions' for the cores."""
-    try:
-        import numba
-    except ImportError:  # pragma: no cover
-        return None
-    return numba.njit(fastmath=True, cache=True)(batch_norm_loop)
+    return _numba(batch_norm_loop, fastmath=True)
 
 
-def _compiled_fits(x: torch.Tensor, *others: torch.Tensor) -> bool:
+def discrete_weight_loop(logits, values, scale, out):
+    """``out[j] = scale · values[k]``, k the first index of the largest ``logits[:, j]``
+    (a NaN counts as the largest), as ``logits.max(0).indices`` picks it; the product is
+    rounded once to float32, as torch's. Compiled with numba on first use."""
+    best = logits[0].copy()
+    top = np.zeros(logits.shape[1], np.int64)
+    for i in range(1, logits.shape[0]):
+        for j in range(logits.shape[1]):
+            v = logits[i, j]
+            if v > best[j] or (v != v and best[j] == best[j]):
+                best[j] = v
+                top[j] = i
+    for j in range(logits.shape[1]):
+        out[j] = scale * values[top[j]]
+
+
+def _discrete_weight_loop():
+    """:func:`discrete_weight_loop` compiled."""
+    return _numba(discrete_weight_loop)
+
+
+def _compiled_fits(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled loops take these tensors: numba is there, and they are float32
+    on the CPU."""
+    return _batch_norm_loop() is not None and all(
+        t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+def _batch_fits(x: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether :func:`batch_norm_loop` takes this batch and these statistics and weights:
     float32 on the CPU, (N, C, H, W) contiguous, more than one value per channel (else
     ``F.batch_norm`` names the error)."""
-    return (x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
-            and x.numel() > x.shape[1] and _batch_norm_loop() is not None
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, *others)))
+    return (x.dim() == 4 and x.is_contiguous() and x.numel() > x.shape[1]
+            and _compiled_fits(x, *others))
 
 
 def _batch_norm_compiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -718,10 +813,13 @@ def update_discrete_stats(model: nn.Module, x: torch.Tensor) -> None:
     runs to its end and counts those calls, a module called twice counted twice; the count
     is made again whenever the model's modules change. (A model whose number of such calls
     depends on its input would need every pass to run to the end: call ``model(x)`` under
-    :func:`use_state` instead.)"""
-    was = model.training
-    model.train()
-    keepers = [m for m in model.modules() if _keeps_statistics(m)]
+    :func:`use_state` instead.) Every module ends in the mode and the state it was in.
+    """
+    modules = list(model.modules())
+    keepers = [m for m in modules if _keeps_statistics(m)]
+    switched = [m for m in modules if isinstance(m, (_SLBWeight, _StateBatchNorm))]
+    resting = [m for m in modules if not m.training]  # put back in evaluation mode after
+    states = [m.state for m in switched]
     key = tuple(map(id, keepers))
     plan = _PASS_PLANS.get(model)
     calls = [0]
@@ -735,15 +833,21 @@ def update_discrete_stats(model: nn.Module, x: torch.Tensor) -> None:
                 raise _PassDone
     handles = [m.register_forward_hook(hook) for m in keepers]
     try:
-        with use_state(model, "discrete"):
-            model(x)
+        for m in resting:
+            m.training = True
+        for m in switched:
+            m.state = "discrete"
+        model(x)
         _PASS_PLANS[model] = (key, calls[0])
     except _PassDone:
         pass
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
+        for m, s in zip(switched, states):
+            m.state = s
+        for m in resting:
+            m.training = False
 
 
 @torch.no_grad()
