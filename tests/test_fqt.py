@@ -602,3 +602,17 @@ def test_compiled_ranges_are_amin_and_amax_and_name_bad_values():
                 with pytest.raises(ValueError, match="non-finite"):
                     fqt.quantize_copies_compiled(g, copies, torch.Generator().manual_seed(1),
                                                  fqt.Workspace(g))
+    # a workspace keeps the loop's arguments after its first call: the next calls give the
+    # same numbers as a fresh workspace, and a bad gradient is still named
+    work = fqt.Workspace(x)
+    for copies in (((4, "psq"), (8, "column")), ((8, "column"),)):
+        for step in range(3):
+            g = x * (step + 1)
+            got = [q.clone() for q in fqt.quantize_copies_compiled(
+                g, copies, torch.Generator().manual_seed(step), work)]
+            want = fqt.quantize_copies_compiled(g, copies, torch.Generator().manual_seed(step),
+                                                fqt.Workspace(g))
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        g[5, 7] = float("nan")
+        with pytest.raises(ValueError, match="non-finite"):
+            fqt.quantize_copies_compiled(g, copies, None, work)

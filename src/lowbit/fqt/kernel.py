@@ -36,6 +36,10 @@ class Workspace:
         self.seed_bits = self.seed.reshape(1).numpy().view(np.uint64) \
             if like.device.type == "cpu" else None
         self._arrays: dict = {}  # numpy views of d and q, and the compiled loop's ranges
+        #: the compiled loop and its arguments by copies, for copies whose grids are per row
+        #: or column (made on the first call: right after a backward pass, making them
+        #: again costs more than the loop's arithmetic on small gradients)
+        self.calls: dict = {}
         # the torch operations' dither and its words; the compiled loop needs neither
         self.random: torch.Tensor | None = None
         self.u: torch.Tensor | None = None
@@ -237,11 +241,11 @@ def can_compile(x: torch.Tensor, copies: tuple[tuple[int, str], ...]) -> bool:
             and x.is_contiguous() and 1 <= len(copies) <= 2)
 
 
-def _round(x: torch.Tensor, copies: tuple[tuple[int, str], ...], seed: np.uint64,
-           work: Workspace, outs: list[torch.Tensor]) -> None:
-    """One call of :func:`sr_loop`: ``x`` rounded to one or two grids into ``outs`` (ranges
-    per row or column are found in the call, into memory the workspace keeps; per tensor,
-    :func:`grid` finds them)."""
+def _loop_args(x: torch.Tensor, copies: tuple[tuple[int, str], ...], work: Workspace,
+               outs: list[torch.Tensor]) -> tuple:
+    """:func:`sr_loop` (serial or parallel, by size) and its arguments after the seed, for
+    rounding ``x`` to ``copies`` into ``outs``: per row or column, the ranges go to memory
+    the workspace keeps; per tensor, :func:`grid` finds the range now."""
     args = []
     for bits, how in copies:
         scope = _SCOPE.get(how, how)
@@ -254,16 +258,29 @@ def _round(x: torch.Tensor, copies: tuple[tuple[int, str], ...], seed: np.uint64
     if len(copies) == 1:
         args.append((0,) + args[0][1:])
     loop = compiled_serial if x.numel() < SERIAL_BELOW else compiled
+    return loop, (*args[0], work.array(outs[0]), *args[1], work.array(outs[-1]))
+
+
+def _round(x: torch.Tensor, copies: tuple[tuple[int, str], ...], seed: np.uint64,
+           work: Workspace, outs: list[torch.Tensor]) -> None:
+    """One call of :func:`sr_loop`: ``x`` rounded to one or two grids into ``outs`` (ranges
+    per row or column are found in the call, into memory the workspace keeps; per tensor,
+    :func:`grid` finds them)."""
+    loop, args = _loop_args(x, copies, work, outs)
     xn = x.numpy()
-    ok = loop(xn, xn.view(np.int32), seed, *args[0], work.array(outs[0]), *args[1],
-              work.array(outs[-1]))
-    if not ok:  # a NaN, an inf or an overflowing range: name it as grid() does
-        for bits, how in copies:
-            scope = _SCOPE.get(how, how)
-            if scope in ("row", "column"):
-                dim = 1 if scope == "row" else 0
-                _check_finite(x, x.amin(dim), x.amax(dim), "gradient")
-        raise AssertionError("sr_loop found a range that is not finite")  # pragma: no cover
+    if not loop(xn, xn.view(np.int32), seed, *args):
+        _name_bad_range(x, copies)
+
+
+def _name_bad_range(x: torch.Tensor, copies: tuple[tuple[int, str], ...]) -> None:
+    """Raise the ValueError that :func:`grid` raises for a NaN, an inf or an overflowing
+    range in ``x`` (:func:`sr_loop` found one)."""
+    for bits, how in copies:
+        scope = _SCOPE.get(how, how)
+        if scope in ("row", "column"):
+            dim = 1 if scope == "row" else 0
+            _check_finite(x, x.amin(dim), x.amax(dim), "gradient")
+    raise AssertionError("sr_loop found a range that is not finite")  # pragma: no cover
 
 
 def quantize_copies_compiled(x: torch.Tensor, copies: tuple[tuple[int, str], ...],
@@ -277,8 +294,16 @@ def quantize_copies_compiled(x: torch.Tensor, copies: tuple[tuple[int, str], ...
     random_seed(generator, out=work.seed)
     seed = work.seed_bits[0]
     outs = [work.q, work.d][:len(copies)]
+    if copies in work.calls:  # grids per row or column, without BHQ: as made before
+        loop, args = work.calls[copies]
+        xn = x.numpy()
+        if not loop(xn, xn.view(np.int32), seed, *args):
+            _name_bad_range(x, copies)
+        return outs
     if all(how != "bhq" for _, how in copies):
         _round(x, copies, seed, work, outs)
+        if all(_SCOPE.get(how, how) in ("row", "column") for _, how in copies):
+            work.calls[copies] = _loop_args(x, copies, work, outs)
         return outs
     results = []
     for (bits, how), out in zip(copies, outs):
