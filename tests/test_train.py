@@ -221,3 +221,29 @@ def test_small_cnn_trains_as_with_nn_max_pool():
             torch.nn.functional.cross_entropy(net(x), y).backward()
             opt.step()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_bench_prints_each_figure_as_the_median_of_fresh_processes(monkeypatch, capsys):
+    """python -m lowbit.bench runs each benchmark in --processes fresh processes and prints
+    each figure's median on standard output, every process's figure on standard error; bad
+    arguments are named."""
+    from lowbit import bench
+    runs = iter([{"a": 1.0, "b": 3.0}, {"a": 2.0, "b": 1.0}, {"a": 9.0, "b": 2.5}])
+    monkeypatch.setattr(bench, "_worker", lambda name: next(runs))
+    bench.main(["fake_quant"])
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1:] == ["a: 2.000", "b: 2.500"]
+    assert "a per process: 1.000 2.000 9.000" in err
+    for argv, message in ((["--processes", "0"], "at least 1, got 0"), (["nope"], "'nope'")):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_bench_worker_measures_in_a_process_of_its_own():
+    """A worker is a fresh `python -m lowbit.bench --worker NAME` process whose figures
+    come back in full."""
+    from lowbit import bench
+    figures = bench._worker("fake_quant")
+    assert list(figures) == ["fake_quant_per_tensor_vs_clone"]
+    assert 0 < figures["fake_quant_per_tensor_vs_clone"] < 100

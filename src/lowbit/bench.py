@@ -1,14 +1,22 @@
 """The project's benchmark: ``python -m lowbit.bench`` prints one ``name: value`` line
-per figure. Every figure is a ratio of two timings taken in the same run, so it
+per figure. Every figure is a ratio of two timings taken in the same process, so it
 compares like with like on whatever machine runs it.
 
 Timings are taken after a warm-up, in pairs of back-to-back calls (see :func:`ratio`).
+Each benchmark runs in fresh processes (``--processes``, 3 by default) and a figure is
+the median of theirs, as pyperf runs its worker processes: on the book's machine one
+process's figure moved by up to ±0.05 from the next process's (the heap's history decides
+which steps take page faults), more than the pairs' own spread. Each process's figures go
+to standard error.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -16,7 +24,8 @@ import torch
 
 from .quant import quantize_symmetric
 
-__all__ = ["median_time", "ratio", "train_step", "bench_fake_quant", "BENCHMARKS", "main"]
+__all__ = ["median_time", "ratio", "train_step", "bench_fake_quant", "BENCHMARKS",
+           "run_benchmarks", "median_of", "main"]
 
 
 def _sync() -> None:
@@ -185,21 +194,63 @@ BENCHMARKS: dict[str, Callable[[], dict[str, float]]] = {
     "fake_quant": bench_fake_quant, "psgd": bench_psgd, "slb": bench_slb, "fqt": bench_fqt}
 
 
+def run_benchmarks(names: list[str]) -> dict[str, float]:
+    """The figures of the benchmarks ``names``, measured in this process."""
+    torch.manual_seed(0)
+    torch.set_flush_denormal(True)  # as the book's notebooks run (lowbit.book.setup)
+    out: dict[str, float] = {}
+    for name in names:
+        out.update(BENCHMARKS[name]())
+    return out
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the processes' ``runs`` (figures in the first run's order)."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def _worker(name: str) -> dict[str, float]:
+    """Run benchmark ``name`` in a fresh Python process and read back its figures."""
+    done = subprocess.run([sys.executable, "-m", "lowbit.bench", "--worker", name],
+                          capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark {name!r} failed in its process:\n{done.stderr[-4000:]}")
+    figures = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition(": ")
+        figures[key] = float(value)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lowbit.bench [names]``: run the benchmarks and print each ratio."""
-    p = argparse.ArgumentParser(prog="python -m lowbit.bench", description=__doc__)
+    """``python -m lowbit.bench [names] [--processes N]``: run the benchmarks, each in N
+    fresh processes, and print each figure's median."""
+    p = argparse.ArgumentParser(prog="python -m lowbit.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("only", nargs="*", help=f"benchmarks to run (default all): {list(BENCHMARKS)}")
+    p.add_argument("--processes", type=int, default=3,
+                   help="fresh processes per benchmark; a figure is their median (default 3)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = [n for n in args.only if n not in BENCHMARKS]
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
-    torch.manual_seed(0)
-    torch.set_flush_denormal(True)  # as the book's notebooks run (lowbit.book.setup)
+    if args.processes < 1:
+        p.error(f"--processes must be at least 1, got {args.processes}")
+    names = args.only or list(BENCHMARKS)
+    if args.worker:  # one process's figures, in full, for the parent
+        for key, value in run_benchmarks(names).items():
+            print(f"{key}: {value!r}", flush=True)
+        return
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}"
-          f" ({torch.get_num_threads()} threads)")
-    for name in args.only or BENCHMARKS:
-        for key, value in BENCHMARKS[name]().items():
+          f" ({torch.get_num_threads()} threads; {args.processes} processes per benchmark)",
+          flush=True)
+    for name in names:
+        runs = [_worker(name) for _ in range(args.processes)]
+        for key, value in median_of(runs).items():
             print(f"{key}: {value:.3f}", flush=True)
+            print(f"  {key} per process: " + " ".join(f"{r[key]:.3f}" for r in runs),
+                  file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
