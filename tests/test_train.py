@@ -201,6 +201,8 @@ def test_max_pool_without_autograd_is_nn_max_pool(shape, kernel, stride):
         assert got.shape == want.shape and got.is_contiguous()
         assert torch.equal(got.isnan(), want.isnan())
         assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    with torch.no_grad(), pytest.raises(RuntimeError, match="too small"):
+        MaxPool2d(kernel, stride)(torch.randn(1, 2, 1, 1))  # no window fits: torch's error
 
 
 def test_small_cnn_trains_as_with_nn_max_pool():

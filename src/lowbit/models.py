@@ -28,8 +28,10 @@ class MaxPool2d(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dim() != 4 or self.return_indices:
             return super().forward(x)
-        if not (x.requires_grad and torch.is_grad_enabled()) and self._tiles():
-            return tile_max(x, *nn.modules.utils._pair(self.kernel_size))
+        k = nn.modules.utils._pair(self.kernel_size)
+        if not (x.requires_grad and torch.is_grad_enabled()) and self._tiles() \
+                and x.shape[2] >= k[0] and x.shape[3] >= k[1]:  # (else torch's error)
+            return tile_max(x, *k)
         return super().forward(_ChannelsLast.apply(x)).contiguous()
 
     def _tiles(self) -> bool:
