@@ -535,15 +535,17 @@ def test_unknown_quantizer_is_named_and_the_papers_name_explained():
 @pytest.mark.parametrize("bits", [1, 3, 5, 6, 7, 12, 16])
 def test_compiled_loop_matches_at_every_width(bits):
     # the grid's scales (1/span·B and span·(1/B)) in the loop round as torch's do
-    x = torch.randn(7, 300, generator=torch.Generator().manual_seed(bits))
-    x *= torch.logspace(-6, 4, 7).unsqueeze(1)
-    for copies in (((bits, "psq"), (8, "column")), ((bits, "pt"),), ((bits, "pt_minmax"),),
-                   ((bits, "bhq"), (8, "column"))):
-        a = fqt.quantize_copies_compiled(x, copies, torch.Generator().manual_seed(2),
-                                         fqt.Workspace(x))
-        b = fqt.quantize_copies(x, copies, torch.Generator().manual_seed(2))
-        for p, q in zip(a, b):
-            assert torch.equal(p, q), (bits, copies)
+    # (2501 columns: column ranges in three blocks, rows that start inside a random word)
+    for width in (300, 2501):
+        x = torch.randn(7, width, generator=torch.Generator().manual_seed(bits))
+        x *= torch.logspace(-6, 4, 7).unsqueeze(1)
+        for copies in (((bits, "psq"), (8, "column")), ((bits, "pt"),), ((bits, "pt_minmax"),),
+                       ((bits, "bhq"), (8, "column")), ((bits, "column"),)):
+            a = fqt.quantize_copies_compiled(x, copies, torch.Generator().manual_seed(2),
+                                             fqt.Workspace(x))
+            b = fqt.quantize_copies(x, copies, torch.Generator().manual_seed(2))
+            for p, q in zip(a, b):
+                assert torch.equal(p, q), (bits, width, copies)
 
 
 @pytest.mark.skipif(fqt.compiled is None, reason="numba is not installed")
