@@ -36,9 +36,9 @@ class Workspace:
         self.seed_bits = self.seed.reshape(1).numpy().view(np.uint64) \
             if like.device.type == "cpu" else None
         self._arrays: dict = {}  # numpy views of d and q, and the compiled loop's ranges
-        #: the compiled loop and its arguments by copies, for copies whose grids are per row
-        #: or column (made on the first call: right after a backward pass, making them
-        #: again costs more than the loop's arithmetic on small gradients)
+        #: the compiled loop and its arguments by copies and outputs, for grids per row or
+        #: column (made on the first call: right after a backward pass, making them again
+        #: costs more than the loop's arithmetic on small gradients)
         self.calls: dict = {}
         # the torch operations' dither and its words; the compiled loop needs neither
         self.random: torch.Tensor | None = None
@@ -264,9 +264,15 @@ def _loop_args(x: torch.Tensor, copies: tuple[tuple[int, str], ...], work: Works
 def _round(x: torch.Tensor, copies: tuple[tuple[int, str], ...], seed: np.uint64,
            work: Workspace, outs: list[torch.Tensor]) -> None:
     """One call of :func:`sr_loop`: ``x`` rounded to one or two grids into ``outs`` (ranges
-    per row or column are found in the call, into memory the workspace keeps; per tensor,
-    :func:`grid` finds them)."""
-    loop, args = _loop_args(x, copies, work, outs)
+    per row or column are found in the call, into memory the workspace keeps, with the
+    call's arguments; per tensor, :func:`grid` finds them)."""
+    key = (copies, tuple(map(id, outs)))
+    call = work.calls.get(key)
+    if call is None:
+        call = _loop_args(x, copies, work, outs)
+        if all(_SCOPE.get(how, how) in ("row", "column") for _, how in copies):
+            work.calls[key] = call  # no per-tensor range: the same arguments every call
+    loop, args = call
     xn = x.numpy()
     if not loop(xn, xn.view(np.int32), seed, *args):
         _name_bad_range(x, copies)
@@ -294,16 +300,8 @@ def quantize_copies_compiled(x: torch.Tensor, copies: tuple[tuple[int, str], ...
     random_seed(generator, out=work.seed)
     seed = work.seed_bits[0]
     outs = [work.q, work.d][:len(copies)]
-    if copies in work.calls:  # grids per row or column, without BHQ: as made before
-        loop, args = work.calls[copies]
-        xn = x.numpy()
-        if not loop(xn, xn.view(np.int32), seed, *args):
-            _name_bad_range(x, copies)
-        return outs
     if all(how != "bhq" for _, how in copies):
         _round(x, copies, seed, work, outs)
-        if all(_SCOPE.get(how, how) in ("row", "column") for _, how in copies):
-            work.calls[copies] = _loop_args(x, copies, work, outs)
         return outs
     results = []
     for (bits, how), out in zip(copies, outs):
