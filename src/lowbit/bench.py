@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import subprocess
 import sys
@@ -212,7 +211,7 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
 def _worker(name: str) -> dict[str, float]:
     """Run benchmark ``name`` in a fresh Python process and read back its figures."""
     done = subprocess.run([sys.executable, "-m", "lowbit.bench", "--worker", name],
-                          capture_output=True, text=True, env=os.environ.copy())
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"benchmark {name!r} failed in its process:\n{done.stderr[-4000:]}")
     figures = {}
