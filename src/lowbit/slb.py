@@ -145,10 +145,9 @@ class _SLBWeight(nn.Module):
         """The continuous weight W̃ = α Σ_i P_i v_i (paper eq. 6). On a CPU its gradient
         comes from :class:`ExpectedWeight`'s closed form."""
         alpha = self.alpha
-        if _compiled_fits(self.logits, self.values, alpha) and self.logits.is_contiguous():
+        if self._compiles(alpha):
             return ExpectedWeight.apply(self.logits, alpha, self.values, self.temperature)
-        p = self.probabilities()
-        return alpha * (self.values @ p.reshape(len(self.values), -1)).reshape(p.shape[1:])
+        return alpha * _expectation(self.logits, self.values, self.temperature)[1]
 
     def discrete_weight(self) -> torch.Tensor:
         """The discrete weight Ŵ = α v_argmax (what the exported model uses). Without
@@ -156,13 +155,16 @@ class _SLBWeight(nn.Module):
         gives it bit for bit, in place of four tensor operations (SLB's discrete pass
         builds it at every step)."""
         alpha = self.alpha
-        if not (alpha.requires_grad and torch.is_grad_enabled()) and \
-                _compiled_fits(self.logits, self.values, alpha) and self.logits.is_contiguous():
+        if not (alpha.requires_grad and torch.is_grad_enabled()) and self._compiles(alpha):
             out = torch.empty(self.weight_shape, dtype=torch.float32)
             _discrete_weight_loop()(self.logits.detach().numpy().reshape(len(self.values), -1),
                                     self.values.numpy(), alpha.item(), out.numpy().reshape(-1))
             return out
         return alpha * self.values[self.argmax()]
+
+    def _compiles(self, alpha: torch.Tensor) -> bool:
+        """Whether the compiled loops take this layer's logits (float32, contiguous, CPU)."""
+        return _compiled_fits(self.logits, self.values, alpha) and self.logits.is_contiguous()
 
     def argmax(self) -> torch.Tensor:
         """Index of each weight's most probable value (``max(0).indices``: on the CPU
@@ -193,6 +195,15 @@ class _SLBWeight(nn.Module):
                 f"state={self.state}")
 
 
+def _expectation(logits: torch.Tensor, values: torch.Tensor, tau: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """P = softmax(A/τ) over the value axis (as ``probabilities``) and e = Σ_i P_i v_i, the
+    expected weight of paper eq. 6 before the scale α: for autograd's path and for
+    :class:`ExpectedWeight`'s forward alike."""
+    p = torch.softmax(logits / tau, dim=0)
+    return p, (values @ p.reshape(len(values), -1)).reshape(p.shape[1:])
+
+
 class ExpectedWeight(torch.autograd.Function):
     """W̃ = α Σ_i p_i v_i with p = softmax(A/τ) over the value axis (paper eq. 6), and its
     gradient in closed form, one compiled pass (:func:`expected_weight_grad_loop`)::
@@ -205,8 +216,7 @@ class ExpectedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, alpha: torch.Tensor, values: torch.Tensor,
                 tau: float) -> torch.Tensor:
-        p = torch.softmax(logits / tau, 0)
-        e = (values @ p.view(len(values), -1)).view(p.shape[1:])
+        p, e = _expectation(logits, values, tau)
         ctx.save_for_backward(p, e, values)
         ctx.alpha, ctx.tau = alpha.item(), tau
         return alpha * e
@@ -817,9 +827,7 @@ def update_discrete_stats(model: nn.Module, x: torch.Tensor) -> None:
     """
     modules = list(model.modules())
     keepers = [m for m in modules if _keeps_statistics(m)]
-    switched = [m for m in modules if isinstance(m, (_SLBWeight, _StateBatchNorm))]
     resting = [m for m in modules if not m.training]  # put back in evaluation mode after
-    states = [m.state for m in switched]
     key = tuple(map(id, keepers))
     plan = _PASS_PLANS.get(model)
     calls = [0]
@@ -835,17 +843,14 @@ def update_discrete_stats(model: nn.Module, x: torch.Tensor) -> None:
     try:
         for m in resting:
             m.training = True
-        for m in switched:
-            m.state = "discrete"
-        model(x)
+        with use_state(model, "discrete"):
+            model(x)
         _PASS_PLANS[model] = (key, calls[0])
     except _PassDone:
         pass
     finally:
         for h in handles:
             h.remove()
-        for m, s in zip(switched, states):
-            m.state = s
         for m in resting:
             m.training = False
 
