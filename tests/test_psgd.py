@@ -80,17 +80,28 @@ def test_pruning_target_is_zero():
     torch.testing.assert_close(p.detach(), torch.tensor([0.5 - 0.05, -0.25 - 0.025, 0.0]))
 
 
-def test_unscaled_group_is_plain_sgd():
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("sgd", [dict(momentum=0.9, weight_decay=5e-4),
+                                 dict(momentum=0.9, dampening=0.3, weight_decay=0.1),
+                                 dict(momentum=0.5, nesterov=True), dict(weight_decay=1e-2)])
+def test_unscaled_group_is_plain_sgd(sgd, compiled, monkeypatch):
+    """An unscaled group is torch.optim.SGD bit for bit, over several steps, compiled (on a
+    CPU) or not."""
+    if not compiled:
+        _general_path(monkeypatch)
     torch.manual_seed(0)
-    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    a, b = nn.Linear(40, 3), nn.Linear(40, 3)
     b.load_state_dict(a.state_dict())
-    x = torch.randn(8, 4)
-    for m in (a, b):
-        m(x).sum().backward()
-    psgd.PSGD(a.parameters(), lr=0.1, momentum=0.9, scaled=False).step()
-    torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9).step()
+    ours = psgd.PSGD(a.parameters(), lr=0.1, scaled=False, **sgd)
+    theirs = torch.optim.SGD(b.parameters(), lr=0.1, **sgd)
+    for _ in range(4):
+        x = torch.randn(8, 40)
+        for m, o in ((a, ours), (b, theirs)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb)
+        assert torch.equal(pa, pb)
 
 
 @pytest.mark.parametrize("lam,eps", [(10.0, 0.01), (150.0, 1e-4), (1.0, 0.5)])
@@ -162,7 +173,7 @@ def test_multi_tensor_step_is_the_per_parameter_formula(bits, eps, compiled, mon
     CPU or multi-tensor ops as on a GPU, compute, bit for bit,
     w ← w − lr·(momentum buffer of s(w)·g + wd·w), s from position_scale/position_target."""
     if not compiled:
-        monkeypatch.setattr(psgd, "_scaled_gradient_loop", lambda: None)
+        monkeypatch.setattr(psgd, "_step_loop", lambda: None)
     torch.manual_seed(0)
     ws = [torch.randn(8, 3, 3, 3), torch.randn(10, 20), torch.zeros(5)]
     gs = [torch.randn_like(w) for w in ws]
@@ -232,28 +243,81 @@ def test_non_finite_weights_are_named_and_nothing_moves():
     assert len(opt.state) == 0
 
 
+def _general_path(monkeypatch):
+    """Switch the compiled step off: steps then take the torch operations (as on a GPU)."""
+    monkeypatch.setattr(psgd, "_step_loop", lambda: None)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("eps", [1e-3, 0.0])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16, None])
-def test_compiled_scale_is_the_multi_tensor_one(bits, eps, dtype):
-    """On a CPU, s(w) ⊙ g comes from one compiled pass per parameter (max|w| found from the
-    weights' bits): bit for bit the multi-tensor ops, on weights that sit on their grid,
-    exact zeros, an all-zero tensor, several shapes and both float dtypes."""
-    if psgd._scaled_gradient_loop() is None:
-        pytest.skip("numba is not installed")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16, None, "unscaled"])
+@pytest.mark.parametrize("sgd", [dict(momentum=0.9, weight_decay=5e-4),
+                                 dict(momentum=0.9, dampening=0.2, weight_decay=1e-2),
+                                 dict(momentum=0.9, nesterov=True),
+                                 dict(momentum=0.0, weight_decay=1e-3), dict()])
+def test_compiled_step_is_the_general_path(bits, eps, dtype, sgd, monkeypatch):
+    """On a CPU a step is one compiled call (step_loop): bit for bit the torch operations
+    of the general path (the scale, then torch.optim.SGD's update), over three steps, on
+    weights that sit on their grid, exact zeros, an all-zero tensor, an empty one, several
+    shapes and both float dtypes, for every SGD setting."""
+    if psgd._step_loop() is None:
+        pytest.skip("no compiled step here (numba missing, or a CPU without FMA)")
     torch.manual_seed(0)
     on_grid = torch.tensor([-0.8, -0.4, 0.0, 0.4, 1.2])
     ws = [torch.randn(16, 8, 3, 3), torch.randn(10, 157) * 1e-3, torch.zeros(7), on_grid,
-          torch.randn(1)]
-    ws = [w.to(dtype) for w in ws]
-    gs = [torch.randn_like(w) for w in ws]
-    opt = psgd.PSGD([torch.nn.Parameter(w) for w in ws])
-    compiled = opt._scaled_gradients(ws, gs, bits, 24.0, eps)
-    reference = torch._foreach_mul(gs, psgd.PSGD._foreach_scale(ws, bits, 24.0, eps))
-    assert all(torch.equal(a, b) for a, b in zip(compiled, reference))
-    for w, g, s in zip(ws, gs, compiled):  # and the formula itself
-        assert torch.equal(s, g * psgd.position_scale(w, psgd.position_target(w, bits), 24.0,
-                                                      eps))
+          torch.randn(1), torch.randn(0), torch.randn(33)]
+    grads = [[torch.randn_like(w).to(dtype) for w in ws] for _ in range(3)]
+    group = {"scaled": False} if bits == "unscaled" else {"bits": bits}
+    runs = []
+    for compiled in (True, False):
+        params = [nn.Parameter(w.to(dtype, copy=True)) for w in ws]
+        opt = psgd.PSGD([{"params": params, **group}], lr=0.1, lambda_s=24.0, eps=eps, **sgd)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            assert opt._compiled_step(psgd._step_loop()) if compiled else opt.step() is None
+        runs.append((params, opt))
+        _general_path(monkeypatch)
+    (a, opt_a), (b, opt_b) = runs
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert all(torch.equal(opt_a.state[p]["momentum_buffer"], opt_b.state[q]["momentum_buffer"])
+               for p, q in zip(a, b)) if sgd.get("momentum") else not opt_a.state
+
+
+def test_compiled_step_takes_what_it_can_and_leaves_the_rest(monkeypatch):
+    """The compiled call declines, changing nothing, a non-contiguous weight, mixed dtypes,
+    a normalized or running-range group, a momentum buffer of another shape (as from a
+    state dict) and non-finite values; the general path then takes the step, or names the
+    value, and no momentum buffer is made."""
+    loop = psgd._step_loop()
+    if loop is None:
+        pytest.skip("no compiled step here")
+    w = torch.randn(4, 6)
+
+    def opt(*weights, **kw):
+        params = [nn.Parameter(v.clone()) for v in weights]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        return psgd.PSGD(params, lr=0.1, momentum=0.9, **kw)
+
+    stale = opt(w)
+    stale.state[stale.param_groups[0]["params"][0]]["momentum_buffer"] = torch.zeros(24)
+    nan_grad = opt(w)
+    nan_grad.param_groups[0]["params"][0].grad[1, 2] = float("nan")
+    for o in (opt(w.t()), opt(w, w.double()), opt(w, normalized=True, eps=0.1),
+              opt(w, grid_range="running"), stale, opt(w.clone().fill_(float("inf"))),
+              nan_grad):
+        params = o.param_groups[0]["params"]
+        before = [p.detach().clone() for p in params]
+        state = {k: dict(v) for k, v in o.state.items()}
+        assert not o._compiled_step(loop)
+        for p, q in zip(params, before):
+            torch.testing.assert_close(p.detach(), q, rtol=0, atol=0, equal_nan=True)
+        assert o.state.keys() == state.keys()
+    with pytest.raises(ValueError, match=r"non-finite gradient in 1 parameter.*\(4, 6\)"):
+        nan_grad.step()
+    with pytest.raises(ValueError, match=r"non-finite weights .*\(4, 6\)"):
+        opt(w.clone().fill_(float("inf"))).step()
 
 
 def test_compiled_path_follows_a_parameter_whose_memory_changes():

@@ -37,11 +37,11 @@ import torch
 from torch import nn
 from torch.optim.sgd import sgd
 
-from .optim import checked_gradients, max_abs, run_closure
+from .optim import address, checked_gradients, fma, max_abs, run_closure
 from .quant import check_bits, quantizable_layers, quantize_symmetric
 
-__all__ = ["position_target", "position_scale", "warp", "PSGD", "scaled_gradient", "param_groups",
-           "sparsity", "magnitude_prune", "weight_quantization_mse"]
+__all__ = ["position_target", "position_scale", "warp", "PSGD", "step_loop", "max_bits",
+           "param_groups", "sparsity", "magnitude_prune", "weight_quantization_mse"]
 
 
 def _check_nonnegative(name: str, value: float) -> float:
@@ -192,44 +192,6 @@ class PSGD(torch.optim.Optimizer):
         # multiply by its reciprocal instead, which is not the same rounding)
         return list(torch.where(peaks > 0, peaks / qmax, 1.0).unbind())
 
-    def _scaled_gradients(self, ps: list[torch.Tensor], grads: list[torch.Tensor],
-                          bits: int | None, lambda_s: float, eps: float) -> list[torch.Tensor]:
-        """s(w) ⊙ g for many parameters at once: on a CPU, one compiled call per parameter
-        (:func:`scaled_gradient`); elsewhere multi-tensor ops (:meth:`_foreach_scale`). Bit
-        for bit the same numbers. Raises a ValueError if a weight is not finite."""
-        loop = _scaled_gradient_loop() if all(
-            p.device.type == "cpu" and p.dtype in _LOOP_TYPES and p.is_contiguous()
-            and g.dtype == p.dtype and g.is_contiguous() for p, g in zip(ps, grads)) else None
-        if loop is None:
-            return torch._foreach_mul(grads, self._foreach_scale(ps, bits, lambda_s, eps))
-        qmax = 0 if bits is None else 2 ** (bits - 1) - 1
-        out, peaks, scalars = [], [], {}
-        for p, g in zip(ps, grads):
-            w, word, o, o_np, real, mask = self._loop_arrays(p)
-            if real not in scalars:
-                scalars[real] = real(qmax), real(lambda_s), real(eps), mask
-            peaks.append(loop(w, word, g.view(-1).numpy(), o_np, *scalars[real]))
-            out.append(o)
-        _check_peaks(ps, peaks)
-        return out
-
-    def _loop_arrays(self, p: torch.Tensor) -> tuple:
-        """What :func:`scaled_gradient` reads and writes for ``p``: its weights and their bits
-        as numpy arrays, and the memory of its scaled gradient (a tensor and its array), all
-        kept while ``p``'s memory stays where it is (the numpy views cost more to make, right
-        after a backward pass, than the loop's arithmetic); with the loop's scalar type and
-        sign mask."""
-        memory = self.__dict__.setdefault("_loop_memory", {})
-        key = (p.data_ptr(), p.shape, p.dtype)
-        kept = memory.get(id(p))
-        if kept is None or kept[0] != key:
-            real, word, mask = _LOOP_TYPES[p.dtype]
-            w = p.detach().view(-1)
-            o = torch.empty_like(p)
-            kept = memory[id(p)] = (key, w.numpy(), w.view(word).numpy(), o,
-                                    o.view(-1).numpy(), real, mask)
-        return kept[1:]
-
     @classmethod
     def _foreach_scale(cls, ps: list[torch.Tensor], bits: int | None, lambda_s: float,
                        eps: float) -> list[torch.Tensor]:
@@ -251,9 +213,58 @@ class PSGD(torch.optim.Optimizer):
             torch._foreach_add_(d, eps)
         return d
 
+    def _compiled_step(self, loop) -> bool:
+        """The step as one compiled call (:func:`step_loop`) where it applies: on a CPU,
+        weights and gradients of one float dtype, contiguous and dense, and every scaled
+        group on the plain scale with the grid's range taken from the current weights (or
+        aimed at 0). Returns False, having changed nothing, where it does not apply or a
+        value is not finite: :meth:`step`'s general path then takes the step or names it."""
+        rows, addresses, sizes, flags, fresh, dtype = [], [], [], [], [], None
+        for g in self.param_groups:
+            if g["scaled"] and not self._takes_foreach(g):
+                return False
+            bits, momentum = g["bits"], g["momentum"] != 0
+            qmax = -1 if not g["scaled"] else 0 if bits is None else 2 ** (bits - 1) - 1
+            row = (qmax, g["lambda_s"], g["eps"], g["weight_decay"], g["momentum"],
+                   1 - g["dampening"], g["lr"])
+            for p in g["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                dtype = dtype or p.dtype
+                if not (p.dtype is dtype and p.is_cpu and p.is_contiguous() and not grad.is_sparse
+                        and grad.is_contiguous() and grad.dtype is dtype
+                        and grad.shape == p.shape):
+                    return False
+                buf = self.state.get(p, {}).get("momentum_buffer") if momentum else p  # (unread)
+                first = buf is None
+                if first:  # the first step: written by the loop, kept if it succeeds
+                    buf = torch.empty_like(p)
+                    fresh.append((p, buf))
+                elif not (buf.dtype is dtype and buf.is_cpu and buf.is_contiguous()
+                          and buf.shape == p.shape):
+                    return False
+                addresses += p.data_ptr(), grad.data_ptr(), buf.data_ptr()
+                sizes.append(p.numel())
+                rows.append(row)
+                flags.append((g["nesterov"], first))
+        if dtype not in _LOOP_TYPES:
+            return not sizes  # no gradient: nothing to do
+        real, word, emask, sign = _LOOP_TYPES[dtype]
+        if loop(np.array(addresses, np.int64).reshape(-1, 3), np.array(sizes, np.int64),
+                np.array(rows, real), np.array(flags, np.bool_), np.zeros(1, real),
+                np.array([emask, sign], word)):
+            return False
+        for p, buf in fresh:
+            self.state[p]["momentum_buffer"] = buf
+        return True
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = run_closure(closure)
+        loop = _step_loop()
+        if loop is not None and self._compiled_step(loop):  # on a CPU: one compiled call
+            return loss
         checked_gradients(self, "PSGD")  # everything checked before anything changes
         # [group, parameters, gradients] for every group with a gradient
         todo = [[g, ps, [p.grad for p in ps]] for g in self.param_groups
@@ -273,8 +284,8 @@ class PSGD(torch.optim.Optimizer):
                                    g["lambda_s"], g["eps"], g["normalized"]) for p in ps])
         for (bits, lambda_s, eps), items in together.items():
             ps = [p for _, group_ps, _ in items for p in group_ps]
-            scaled = self._scaled_gradients(ps, [gr for *_, grads in items for gr in grads],
-                                            bits, lambda_s, eps)
+            scaled = torch._foreach_mul([gr for *_, grads in items for gr in grads],
+                                        self._foreach_scale(ps, bits, lambda_s, eps))
             for item in items:
                 item[2], scaled = scaled[:len(item[1])], scaled[len(item[1]):]
         # then exactly torch.optim.SGD's update: weight decay,
@@ -302,47 +313,110 @@ def _check_peaks(ps: list[torch.Tensor], peaks: list[float]) -> None:
                          "no parameter was updated")
 
 
-def scaled_gradient(w, word, g, out, qmax, lambda_s, eps, mask):
-    """``out = s(w) ⊙ g`` for one flattened parameter ``w`` (``word``: its bits as
-    integers), with ``s(w) = λ_s·|Δ·round(w/Δ) − w| + ε`` and ``Δ = max|w| / qmax`` (paper
-    eq. 6), or, with ``qmax = 0`` (pruning), ``s(w) = λ_s·|w| + ε``. The operations of
-    ``PSGD._foreach_scale`` and the product with the gradient, in their order and in the
-    weights' dtype (``qmax``, ``lambda_s``, ``eps`` are of that dtype). Returns ``max|w|``,
-    not finite (and ``out`` left unwritten) if a weight is not; then 0 when pruning.
-    Compiled with numba for the CPU (``_scaled_gradient_loop``)."""
-    peak = lambda_s - lambda_s  # 0 in the weights' dtype
-    if qmax == 0:
+def step_loop(addresses, sizes, settings, flags, real, word):
+    """PSGD's whole step on a CPU, for every parameter in one call: the gradient check,
+    s(w) ⊙ g (paper eq. 6) and torch.optim.SGD's update, element by element. Parameter k
+    is ``sizes[k]`` values at ``addresses[k]`` = (weight, gradient, momentum buffer), with
+    ``settings[k]`` = (qmax, λ_s, ε, weight decay, momentum, 1 − dampening, lr) in the
+    weights' dtype (``real``; ``word``: the integers of its width) and ``flags[k]`` =
+    (nesterov, first step). ``qmax`` > 0 scales towards the grid of step Δ = max|w| / qmax,
+    0 towards 0 (pruning), and −1 not at all (plain SGD).
+
+    Nothing is written unless every gradient, and every weight that sets a grid, is finite;
+    then it returns 0, else 1. SGD's update is torch's own arithmetic: each of its
+    ``x.add(y, alpha=a)`` is one fused multiply-add, as ATen computes it on a CPU with FMA
+    (checked against torch.optim.SGD before its first use). Compiled with numba."""
+    n = sizes.size
+    deltas = np.ones(n, real.dtype)
+    emask, sign = word[0], word[1]  # a float's exponent bits; all bits but the sign
+    for k in range(n):  # max|g| and max|w| from the bits: a NaN's are the largest
+        g = numba.carray(address(addresses[k, 1]), sizes[k], word.dtype)
+        if _max_bits(g, sign) >= emask:
+            return 1
+    for k in range(n):
+        qmax = settings[k, 0]
+        if qmax > 0:
+            top = _max_bits(numba.carray(address(addresses[k, 0]), sizes[k], word.dtype), sign)
+            if top >= emask:
+                return 1
+            peak = np.full(1, top, word.dtype).view(real.dtype)[0]
+            deltas[k] = peak / qmax if peak > 0 else qmax / qmax  # Δ (1 if every w is 0)
+    for k in range(n):
+        w = numba.carray(address(addresses[k, 0]), sizes[k], real.dtype)
+        g = numba.carray(address(addresses[k, 1]), sizes[k], real.dtype)
+        buf = numba.carray(address(addresses[k, 2]), sizes[k], real.dtype)
+        qmax, lambda_s, eps, decay, momentum, undamped, lr = settings[k]
+        nesterov, first = flags[k, 0], flags[k, 1]
+        delta = deltas[k]
         for i in range(w.size):
-            out[i] = g[i] * (abs(w[i]) * lambda_s + eps)
-        return peak
-    top = word[:0].sum() & mask  # max|w|'s bits: the sign bit cleared, the bits of a
-    for i in range(word.size):  # non-negative float order as integers, and NaN > ∞
-        top = max(top, word[i] & mask)
-    peak = np.full(1, top, word.dtype).view(w.dtype)[0]
-    if not np.isfinite(peak):
-        return peak
-    delta = peak / qmax if peak > 0 else qmax / qmax  # Δ (1 if every weight is 0)
-    for i in range(w.size):
-        out[i] = g[i] * (abs(np.rint(w[i] / delta) * delta - w[i]) * lambda_s + eps)
-    return peak
+            d = g[i]
+            if qmax > 0:  # s(w) ⊙ g, as position_scale(w, position_target(w, bits)) * g
+                d = d * (abs(np.rint(w[i] / delta) * delta - w[i]) * lambda_s + eps)
+            elif qmax == 0:
+                d = d * (abs(w[i]) * lambda_s + eps)
+            if decay != 0:  # d = d.add(w, alpha=weight_decay)
+                d = fma(w[i], decay, d)
+            if momentum != 0:  # buf = d, then buf.mul_(momentum).add_(d, alpha=1 − dampening)
+                b = d if first else fma(d, undamped, buf[i] * momentum)
+                buf[i] = b
+                d = fma(b, momentum, d) if nesterov else b
+            w[i] = fma(d, -lr, w[i])  # w.add_(d, alpha=−lr)
+    return 0
 
 
-#: The dtypes the compiled :func:`scaled_gradient` takes: their numpy scalar type, the
-#: integer dtype of their bits, and the mask that clears the sign bit.
-_LOOP_TYPES = {torch.float32: (np.float32, torch.int32, np.int64(2 ** 31 - 1)),
-               torch.float64: (np.float64, torch.int64, np.int64(2 ** 63 - 1))}
+def max_bits(word, sign):
+    """The largest ``word[i] & sign``: for floats' bits with the sign cleared, the bits of
+    the largest magnitude, a NaN above ±inf. Compiled (inlined) into :func:`step_loop`."""
+    top = word[:0].sum() & sign
+    for i in range(word.size):
+        top = max(top, word[i] & sign)
+    return top
+
+
+#: The dtypes :func:`step_loop` takes: their numpy type, the integer one of their width,
+#: the exponent mask and the mask that clears the sign bit.
+_LOOP_TYPES = {torch.float32: (np.float32, np.int32, 0x7F800000, 2 ** 31 - 1),
+               torch.float64: (np.float64, np.int64, 0x7FF0000000000000, 2 ** 63 - 1)}
+
+
+try:  # numba compiles the loop; without it, the step is torch's operations
+    import numba
+    _max_bits = numba.njit(inline="always", cache=True)(max_bits)
+except ImportError:  # pragma: no cover
+    numba, _max_bits = None, max_bits
 
 
 @functools.cache
-def _scaled_gradient_loop():
-    """:func:`scaled_gradient` compiled by numba (None without numba), made on the first
-    CPU step: right after the backward pass, each of the dozen small tensor operations of
-    the multi-tensor path costs more than its arithmetic (``python -m lowbit.bench psgd``)."""
-    try:
-        import numba
-    except ImportError:  # pragma: no cover
+def _step_loop():
+    """:func:`step_loop` compiled by numba, made on the first CPU step; None without numba,
+    or where its update is not torch.optim.SGD's bit for bit (a CPU without FMA, where
+    ATen rounds twice): a few steps of both on small tensors of every length up to 40
+    decide, with weight decay, momentum, dampening and Nesterov. Right after a backward
+    pass, each small tensor operation costs more than its arithmetic
+    (``python -m lowbit.bench psgd``); one call does the step's work for every tensor."""
+    if numba is None or fma is None:  # pragma: no cover
         return None
-    return numba.njit(cache=True)(scaled_gradient)
+    loop = numba.njit(cache=True)(step_loop)
+    for dtype in _LOOP_TYPES:
+        for nesterov, dampening in ((False, 0.1), (True, 0.0)):
+            gen = torch.Generator().manual_seed(0)
+            ws = [torch.randn(n, generator=gen, dtype=dtype) for n in range(1, 41)]
+            ours = [nn.Parameter(w.clone()) for w in ws]
+            theirs = [nn.Parameter(w.clone()) for w in ws]
+            settings = dict(lr=0.1, momentum=0.9, dampening=dampening, weight_decay=0.3,
+                            nesterov=nesterov)  # (terms of one size: rounding shows)
+            a = PSGD(ours, scaled=False, **settings)
+            b = torch.optim.SGD(theirs, foreach=False, **settings)
+            for _ in range(3):
+                for p, q in zip(ours, theirs):
+                    p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+                    q.grad = p.grad.clone()
+                if not a._compiled_step(loop):
+                    return None
+                b.step()
+            if not all(torch.equal(p, q) for p, q in zip(ours, theirs)):
+                return None
+    return loop
 
 
 def _rounded(x: float, dtype: torch.dtype) -> float:
