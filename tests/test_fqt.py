@@ -75,9 +75,14 @@ def test_rounding_up_probability_is_the_fractional_part(frac):
 @pytest.mark.skipif(fqt.compiled is None, reason="numba is not installed")
 @pytest.mark.parametrize("copies", [((4, "pt"), (8, "pt")), ((8, "psq"),), ((8, "column"),),
                                     ((2, "psq"), (8, "column")), ((4, "pt_minmax"), (8, "pt_minmax")),
-                                    ((4, "bhq"), (8, "column")), ((2, "bhq"),)])
-def test_compiled_loop_gives_the_numbers_of_the_torch_operations(copies):
-    x = torch.randn(32, 500, generator=torch.Generator().manual_seed(0))
+                                    ((4, "bhq"), (8, "column")), ((2, "bhq"),), ((4, "row"),)])
+@pytest.mark.parametrize("columns", [500, 1100])
+def test_compiled_loop_gives_the_numbers_of_the_torch_operations(copies, columns):
+    """The compiled loop's numbers are the torch operations', on one thread (16,000 values)
+    and in parallel (35,200: above fqt.kernel.SERIAL_BELOW)."""
+    from lowbit.fqt import kernel
+    assert (32 * columns < kernel.SERIAL_BELOW) == (columns == 500)
+    x = torch.randn(32, columns, generator=torch.Generator().manual_seed(0))
     x *= torch.logspace(-8, 3, 32).unsqueeze(1)  # rows from tiny to large ranges
     x[3] = 0.5  # and an empty one
     fused = fqt.quantize_copies_compiled(x, copies, torch.Generator().manual_seed(1),
@@ -576,6 +581,18 @@ def test_random_words_are_splitmix64_on_every_path(monkeypatch):
     quant.random_words(10 ** 6, g1)
     torch.empty(1, dtype=torch.int64).random_(-2 ** 63, None, generator=g2)
     assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.skipif(fqt.compiled is None, reason="numba is not installed")
+def test_parallel_and_serial_loops_are_two_compilations():
+    """numba's disk cache tells functions apart by name and code, not by compile options:
+    the parallel loop has a name of its own, else both dispatchers would load whichever
+    compilation was saved first (and the parallel one would never run, or always)."""
+    from lowbit.fqt import kernel
+    assert kernel.compiled.targetoptions.get("parallel")
+    assert not kernel.compiled_serial.targetoptions.get("parallel")
+    assert kernel.compiled.py_func.__qualname__ != kernel.compiled_serial.py_func.__qualname__
+    assert kernel.compiled.py_func.__code__ is kernel.compiled_serial.py_func.__code__
 
 
 @pytest.mark.skipif(fqt.compiled is None, reason="numba is not installed")

@@ -12,6 +12,8 @@ same order in one pass, making each row's random words (SplitMix64,
 """
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import torch
 
@@ -114,13 +116,16 @@ def row_ranges(xi, lo, hi):
     which changes no rounded value), compared as :func:`order_key` integers, whose minima
     vectorize. Rows in parallel."""
     n, d = xi.shape
-    lo_bits, hi_bits = lo.view(np.int32), hi.view(np.int32)
     for i in prange(n):
         a, b = 2 ** 31 - 1, -2 ** 31
         for j in range(d):
             k = _order_key(xi[i, j])
             a, b = min(a, k), max(b, k)
-        lo_bits[i], hi_bits[i] = _order_key(a), _order_key(b)
+        # (the bits written as floats, not through an int32 view of lo and hi: numba's
+        # parallel passes do not see writes through a view, and may move a read of lo and
+        # hi before them)
+        lo[i] = np.int32(_order_key(a)).view(np.float32)
+        hi[i] = np.int32(_order_key(b)).view(np.float32)
 
 
 def column_ranges(x, lo, hi):
@@ -206,6 +211,13 @@ def sr_loop(x, xi, seed, big_a, scope_a, lo_a, hi_a, tiny_a, out_a,
     return True
 
 
+def _renamed(f, name: str):
+    """A copy of the function ``f`` under the name ``name``."""
+    g = types.FunctionType(f.__code__, f.__globals__, name, f.__defaults__, f.__closure__)
+    g.__qualname__ = name
+    return g
+
+
 try:  # numba compiles the loop; without it, the torch operations do the same work
     import numba
     prange = numba.prange
@@ -219,7 +231,10 @@ try:  # numba compiles the loop; without it, the torch operations do the same wo
     _round_columns = numba.njit(inline="always", cache=True)(round_columns)
     #: The compiled :func:`sr_loop` (None without numba: FQT then uses torch operations);
     #: ``compiled_serial`` is the same loop on one thread, for gradients too small to share.
-    compiled = numba.njit(parallel=True, cache=True)(sr_loop)
+    #: (Two names for one loop: numba's disk cache tells functions apart by name and code,
+    #: not by compile options, and under one name both would load whichever was saved
+    #: first, the parallel loop or the serial one.)
+    compiled = numba.njit(parallel=True, cache=True)(_renamed(sr_loop, "sr_loop_parallel"))
     compiled_serial = numba.njit(cache=True)(sr_loop)
 except ImportError:  # pragma: no cover
     prange, compiled, compiled_serial = range, None, None
