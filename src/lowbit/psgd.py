@@ -389,9 +389,9 @@ except ImportError:  # pragma: no cover
 @functools.cache
 def _step_loop():
     """:func:`step_loop` compiled by numba, made on the first CPU step; None without numba,
-    or where its update is not torch.optim.SGD's bit for bit (a CPU without FMA, where
-    ATen rounds twice): a few steps of both on small tensors of every length up to 40
-    decide, with weight decay, momentum, dampening and Nesterov. Right after a backward
+    or where its update does not give torch.optim.SGD's bits (as it would not where torch's
+    kernels round a·b + c twice): a few steps of both on small tensors of every length up
+    to 40 decide, with weight decay, momentum, dampening and Nesterov. Right after a backward
     pass, each small tensor operation costs more than its arithmetic
     (``python -m lowbit.bench psgd``); one call does the step's work for every tensor."""
     if numba is None or fma is None:  # pragma: no cover
