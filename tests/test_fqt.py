@@ -75,7 +75,8 @@ def test_rounding_up_probability_is_the_fractional_part(frac):
 @pytest.mark.skipif(fqt.compiled is None, reason="numba is not installed")
 @pytest.mark.parametrize("copies", [((4, "pt"), (8, "pt")), ((8, "psq"),), ((8, "column"),),
                                     ((2, "psq"), (8, "column")), ((4, "pt_minmax"), (8, "pt_minmax")),
-                                    ((4, "bhq"), (8, "column")), ((2, "bhq"),), ((4, "row"),)])
+                                    ((4, "bhq"), (8, "column")), ((2, "bhq"),),
+                                    ((4, "row"),)])
 @pytest.mark.parametrize("columns", [500, 1100])
 def test_compiled_loop_gives_the_numbers_of_the_torch_operations(copies, columns):
     """The compiled loop's numbers are the torch operations', on one thread (16,000 values)

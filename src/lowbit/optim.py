@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["run_closure", "checked_gradients", "max_abs", "all_finite", "fma", "address"]
+__all__ = ["run_closure", "checked_gradients", "max_abs", "all_finite"]
 
 
 def run_closure(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
@@ -74,28 +74,3 @@ def checked_gradients(optimizer: torch.optim.Optimizer, name: str
                          f"{shapes}; no parameter was updated")
     return grads
 
-
-try:  # two operations for compiled optimizer loops, which numba has no function for
-    from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def fma(typingctx, a, b, c):
-        """``a·b + c`` rounded once (a fused multiply-add), in numba-compiled code: what
-        ATen's CPU kernels compute for ``c.add(a, alpha=b)`` where the CPU has FMA."""
-        def codegen(context, builder, signature, args):
-            t = args[0].type
-            f = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t] * 3))
-            return builder.call(f, args)
-        return a(a, a, a), codegen
-
-    @intrinsic
-    def address(typingctx, n):
-        """The integer ``n`` (a tensor's ``data_ptr()``) as a pointer, for ``numba.carray``:
-        how one compiled call reads a list of tensors, as ATen's multi-tensor kernels take a
-        table of addresses. The caller keeps the tensors alive during the call."""
-        return types.voidptr(types.int64), lambda context, builder, signature, args: \
-            builder.inttoptr(args[0], context.get_value_type(types.voidptr))
-except ImportError:  # pragma: no cover
-    fma = address = None

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.optim.sgd import sgd
 
-from .optim import address, checked_gradients, fma, max_abs, run_closure
+from .optim import checked_gradients, max_abs, run_closure
 from .quant import check_bits, quantizable_layers, quantize_symmetric
 
 __all__ = ["position_target", "position_scale", "warp", "PSGD", "step_loop", "max_bits",
@@ -330,21 +330,21 @@ def step_loop(addresses, sizes, settings, flags, real, word):
     deltas = np.ones(n, real.dtype)
     emask, sign = word[0], word[1]  # a float's exponent bits; all bits but the sign
     for k in range(n):  # max|g| and max|w| from the bits: a NaN's are the largest
-        g = numba.carray(address(addresses[k, 1]), sizes[k], word.dtype)
+        g = numba.carray(_address(addresses[k, 1]), sizes[k], word.dtype)
         if _max_bits(g, sign) >= emask:
             return 1
     for k in range(n):
         qmax = settings[k, 0]
         if qmax > 0:
-            top = _max_bits(numba.carray(address(addresses[k, 0]), sizes[k], word.dtype), sign)
+            top = _max_bits(numba.carray(_address(addresses[k, 0]), sizes[k], word.dtype), sign)
             if top >= emask:
                 return 1
             peak = np.full(1, top, word.dtype).view(real.dtype)[0]
             deltas[k] = peak / qmax if peak > 0 else qmax / qmax  # Δ (1 if every w is 0)
     for k in range(n):
-        w = numba.carray(address(addresses[k, 0]), sizes[k], real.dtype)
-        g = numba.carray(address(addresses[k, 1]), sizes[k], real.dtype)
-        buf = numba.carray(address(addresses[k, 2]), sizes[k], real.dtype)
+        w = numba.carray(_address(addresses[k, 0]), sizes[k], real.dtype)
+        g = numba.carray(_address(addresses[k, 1]), sizes[k], real.dtype)
+        buf = numba.carray(_address(addresses[k, 2]), sizes[k], real.dtype)
         qmax, lambda_s, eps, decay, momentum, undamped, lr = settings[k]
         nesterov, first = flags[k, 0], flags[k, 1]
         delta = deltas[k]
@@ -355,12 +355,12 @@ def step_loop(addresses, sizes, settings, flags, real, word):
             elif qmax == 0:
                 d = d * (abs(w[i]) * lambda_s + eps)
             if decay != 0:  # d = d.add(w, alpha=weight_decay)
-                d = fma(w[i], decay, d)
+                d = _fma(w[i], decay, d)
             if momentum != 0:  # buf = d, then buf.mul_(momentum).add_(d, alpha=1 − dampening)
-                b = d if first else fma(d, undamped, buf[i] * momentum)
+                b = d if first else _fma(d, undamped, buf[i] * momentum)
                 buf[i] = b
-                d = fma(b, momentum, d) if nesterov else b
-            w[i] = fma(d, -lr, w[i])  # w.add_(d, alpha=−lr)
+                d = _fma(b, momentum, d) if nesterov else b
+            w[i] = _fma(d, -lr, w[i])  # w.add_(d, alpha=−lr)
     return 0
 
 
@@ -381,7 +381,28 @@ _LOOP_TYPES = {torch.float32: (np.float32, np.int32, 0x7F800000, 2 ** 31 - 1),
 
 try:  # numba compiles the loop; without it, the step is torch's operations
     import numba
+    from llvmlite import ir
+    from numba.extending import intrinsic
+
     _max_bits = numba.njit(inline="always", cache=True)(max_bits)
+
+    @intrinsic
+    def _fma(typingctx, a, b, c):
+        """``a·b + c`` rounded once (a fused multiply-add) in compiled code: what ATen's
+        CPU kernels compute for ``c.add(a, alpha=b)`` (where :func:`_step_loop` finds so)."""
+        def codegen(context, builder, signature, args):
+            t = args[0].type
+            f = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t] * 3))
+            return builder.call(f, args)
+        return a(a, a, a), codegen
+
+    @intrinsic
+    def _address(typingctx, n):
+        """The integer ``n`` (a tensor's ``data_ptr()``) as a pointer, for ``numba.carray``:
+        how one compiled call reads a list of tensors, as ATen's multi-tensor kernels take a
+        table of addresses. The caller keeps the tensors alive during the call."""
+        return numba.types.voidptr(numba.types.int64), lambda context, builder, sig, args: \
+            builder.inttoptr(args[0], context.get_value_type(numba.types.voidptr))
 except ImportError:  # pragma: no cover
     numba, _max_bits = None, max_bits
 
@@ -394,7 +415,7 @@ def _step_loop():
     to 40 decide, with weight decay, momentum, dampening and Nesterov. Right after a backward
     pass, each small tensor operation costs more than its arithmetic
     (``python -m lowbit.bench psgd``); one call does the step's work for every tensor."""
-    if numba is None or fma is None:  # pragma: no cover
+    if numba is None:  # pragma: no cover
         return None
     loop = numba.njit(cache=True)(step_loop)
     for dtype in _LOOP_TYPES:
