@@ -73,4 +73,3 @@ def checked_gradients(optimizer: torch.optim.Optimizer, name: str
         raise ValueError(f"non-finite gradient in {len(bad)} parameter(s) with shapes "
                          f"{shapes}; no parameter was updated")
     return grads
-
