@@ -1,6 +1,7 @@
 """The book's own machinery: the perturbation switch and claims (lowbit.book), and the
 build extension that unpacks the vendored JavaScript (book/_ext/widget_js.py)."""
 import io
+import json
 import math
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def test_claim_asserts_and_logs(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="a false claim"):
         book.claim("a false claim", -0.1)
     lines = log.read_text().splitlines()
-    assert len(lines) == 2 and '"ok": false' in lines[1]
+    assert len(lines) == 2 and '"holds": false' in lines[1] and '(older form)' in lines[1]
 
 
 def test_difference_over_seeds():
@@ -239,3 +240,94 @@ def test_notebooks_are_committed_without_outputs():
             if cell["cell_type"] == "code":
                 assert not cell["outputs"] and cell["execution_count"] is None, \
                     f"{path.relative_to(ROOT)}: cell {i} has outputs (clear them before a commit)"
+
+
+# ------------------------------------------------------------ the tests behind the claims
+def test_paired_t_test_is_scipys_one_sided_test():
+    from scipy import stats
+    a, b = [3.1, 4.0, 5.2, 2.0, 4.4], [1.0, 1.5, 1.0, 2.5, 1.2]
+    e = book.greater(a, b)
+    assert e.test == "one-sided paired t-test" and e.n == 5
+    assert abs(e.p - stats.ttest_rel(a, b, alternative="greater").pvalue) < 1e-12 and e.holds
+    assert abs(book.less(b, a).p - e.p) < 1e-12
+    # 3 seeds with a 2-point mean gain and a spread of 2: not separable (t(2) = 1.73)
+    weak = book.greater([2.0, 4.0, 0.0], 0.0)
+    assert not weak.holds and weak.p > 0.05
+    assert "higher on 2 of 3 seeds" in weak.summary
+    # equal differences have no spread: decided by their sign
+    assert book.greater([2.0, 2.0], [1.0, 1.0]).p == 0.0
+    assert book.greater([1.0, 1.0], [1.0, 1.0]).p == 1.0
+
+
+def test_sign_and_wilcoxon_tests_are_exact():
+    from scipy import stats
+    d = [0.5, 2.0, -0.1, 3.0, 1.0, 0.7]
+    s = book.greater(d, 0.0, test="sign")
+    assert abs(s.p - stats.binomtest(5, 6, 0.5, alternative="greater").pvalue) < 1e-12
+    assert not s.holds  # 5 of 6: p = 7/64
+    assert book.greater([1, 2, 3, 4, 5], 0, test="sign").p == 1 / 32
+    w = book.greater(d, 0.0, test="wilcoxon")
+    assert abs(w.p - stats.wilcoxon(d, alternative="greater").pvalue) < 1e-12
+    with pytest.raises(ValueError, match="'t', 'sign' or 'wilcoxon'"):
+        book.greater(d, 0.0, test="z")
+
+
+def test_within_is_two_one_sided_tests():
+    a = [90.1, 90.5, 89.8, 90.3, 90.0]
+    b = [90.0, 90.2, 90.1, 90.0, 90.1]
+    e = book.within(a, b, 1.0)
+    assert e.holds and e.test == "two one-sided paired t-tests (TOST)"
+    assert not book.within(a, b, 0.05).holds
+    assert not book.within([1.0, 5.0, -3.0], [0.0, 0.0, 0.0], 1.0).holds  # too noisy
+    with pytest.raises(ValueError, match="tol must be a positive"):
+        book.within(a, b, 0)
+
+
+def test_every_and_bound():
+    assert book.every([61.0, 70.0], above=60).holds
+    assert not book.every([59.0, 70.0], above=60).holds
+    assert "worst seed 59" in book.every([59.0, 70.0], above=60).summary
+    assert book.every([1.0, 2.0], below=3).holds and book.bound(0.2, below=0.5).holds
+    with pytest.raises(ValueError, match="exactly one"):
+        book.every([1.0], above=0, below=2)
+
+
+def test_paired_values_are_checked():
+    with pytest.raises(ValueError, match="at least 2 paired values"):
+        book.greater([1.0], [0.0])
+    with pytest.raises(ValueError, match="as many on each side"):
+        book.greater([1.0, 2.0], [0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="finite"):
+        book.within([1.0, float("nan")], [0.0, 0.0], 1.0)
+
+
+def test_seeds_for_power():
+    pilot = [2.0, 4.0, 0.0]  # mean 2, sd 2
+    n = book.seeds_for(pilot)
+    assert book.power(n, 2.0, 2.0) >= 0.8 > book.power(n - 1, 2.0, 2.0)
+    assert n == 8
+    assert book.seeds_for([10.0, 11.0, 9.0]) == 5  # a clear effect: the minimum
+    with pytest.raises(ValueError, match="too small to test"):
+        book.seeds_for([0.1, -3.0, 3.1], maximum=20)
+    with pytest.raises(ValueError, match="must be positive"):
+        book.seeds_for([-1.0, -2.0])
+
+
+def test_claim_with_evidence_shows_one_line_and_logs(tmp_path, monkeypatch, capsys):
+    log = tmp_path / "claims.jsonl"
+    monkeypatch.setenv("LOWBIT_CLAIMS", str(log))
+    e = book.greater([3.0, 4.0, 5.0, 4.5, 3.5], 1.0)
+    assert book.claim("a holds", e) is e
+    out = capsys.readouterr().out
+    assert out.startswith("✓ a holds (n = 5 · one-sided paired t-test · p < 0.001 · mean ")
+    with pytest.raises(AssertionError, match="claim does not hold: b fails"):
+        book.claim("b fails", book.greater([0.0, 1.0, -1.0], 0.0))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["holds"] for r in rows] == [True, False] and rows[0]["n"] == 5
+    assert rows[0]["test"] == "one-sided paired t-test" and 0 < rows[0]["p"] < 0.05
+
+
+def test_fmt_p_and_glue():
+    assert book.fmt_p(0.0004) == "p < 0.001" and book.fmt_p(0.0066) == "p = 0.0066"
+    assert book.fmt_p(0.034) == "p = 0.03" and book.fmt_p(0.5) == "p = 0.50"
+    assert book.glue("x", 3.14159, ".2f") == "3.14"

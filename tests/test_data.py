@@ -153,3 +153,88 @@ def test_interrupted_write_leaves_no_temporary_file(tmp_path, monkeypatch):
         cache.write_entry(path, b"x" * 100)
     monkeypatch.setattr(cache.os, "fsync", real_fsync)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (IDX files)
+def _write_idx(path, array, compress=False):
+    import gzip
+    array = np.asarray(array, dtype=np.uint8)
+    raw = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw += array.tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def _fake_fashion(folder, n_train=30, n_test=20, compress=True):
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    sfx = ".gz" if compress else ""
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+              "t10k-labels-idx1-ubyte": np.arange(n_test) % 10}
+    for name, a in arrays.items():
+        _write_idx(folder / (name + sfx), a, compress)
+    return arrays
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_reads_idx_files_from_a_named_folder(tmp_path, monkeypatch, compress):
+    arrays = _fake_fashion(tmp_path / "fm", compress=compress)
+    monkeypatch.setenv("LOWBIT_FASHION_MNIST", str(tmp_path / "fm"))
+    data._fashion_raw.cache_clear()
+    data._uncached_split.cache_clear()
+    raw = data.load_fashion_mnist()
+    np.testing.assert_array_equal(raw["x_test"], arrays["t10k-images-idx3-ubyte"])
+    np.testing.assert_array_equal(raw["y_train"], arrays["train-labels-idx1-ubyte"])
+    s = data.load_arrays("fashion", seed=3)
+    assert s.input_shape == (1, 28, 28) and len(s.x_test) == 20 and len(s.x_train) == 30
+    # the test set keeps its order; the training set is a seeded permutation of it
+    np.testing.assert_array_equal(s.y_test, arrays["t10k-labels-idx1-ubyte"])
+    assert sorted(s.y_train.tolist()) == sorted(arrays["train-labels-idx1-ubyte"].tolist())
+    assert abs(s.x_train.mean()) < 1e-4 and abs(s.x_train.std() - 1) < 1e-3
+    other = data.load_arrays("fashion", seed=4)
+    assert not np.array_equal(other.y_train, s.y_train)
+    train, test = data.get_loaders("fashion", 8, seed=3, n_train=10)
+    assert sum(len(y) for _, y in train) == 10 and sum(len(y) for _, y in test) == 20
+    data._fashion_raw.cache_clear()
+    data._uncached_split.cache_clear()
+
+
+def test_fashion_missing_files_are_named(tmp_path, monkeypatch):
+    _fake_fashion(tmp_path / "fm")
+    (tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz").unlink()
+    data._fashion_raw.cache_clear()
+    with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte .*dataset-fashion-mnist"
+                                                 r".*LOWBIT_FASHION_MNIST"):
+        data.load_fashion_mnist(tmp_path / "fm")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        data.load_fashion_mnist(tmp_path / "nowhere")
+
+
+def test_idx_reader_refuses_bad_files(tmp_path):
+    good = tmp_path / "good"
+    _write_idx(good, np.arange(12).reshape(3, 4))
+    np.testing.assert_array_equal(data.read_idx(good), np.arange(12).reshape(3, 4))
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x00\x00\x0d\x02" + b"\x00" * 20)  # float data: not unsigned bytes
+    with pytest.raises(ValueError, match=r"bad is not an IDX file of unsigned bytes.*00 00 0d 02"):
+        data.read_idx(bad)
+    short = tmp_path / "short"
+    short.write_bytes(good.read_bytes()[:-3])
+    with pytest.raises(ValueError, match=r"short: its header says shape \(3, 4\).*truncated"):
+        data.read_idx(short)
+    broken = tmp_path / "broken.gz"
+    broken.write_bytes(b"\x1f\x8b" + b"junk")
+    with pytest.raises(ValueError, match="broken.gz cannot be read as an IDX file"):
+        data.read_idx(broken)
+    with pytest.raises(ValueError, match="cannot be read"):
+        data.read_idx(tmp_path / "absent")
+
+
+def test_fashion_mismatched_files_are_refused(tmp_path):
+    _fake_fashion(tmp_path / "fm")
+    _write_idx(tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz", np.arange(7), compress=True)
+    data._fashion_raw.cache_clear()
+    with pytest.raises(ValueError, match=r"test files .* do not match"):
+        data.load_fashion_mnist(tmp_path / "fm")
+    data._fashion_raw.cache_clear()

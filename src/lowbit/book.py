@@ -1,6 +1,15 @@
 """Helpers for the book's notebooks: one call to set a notebook up, the seeds a page runs,
-a way to assert a claim with its margin, and a way to show the library's own code in the
-text (d2l's habit) instead of copying it.
+the statistical tests behind every claim and a way to assert one, a way to put a computed
+number into the prose (:func:`glue`), and a way to show the library's own code in the text
+(d2l's habit) instead of copying it.
+
+A claim is tested on the paired per-seed results of the runs it compares: a one-sided
+paired t-test with n − 1 degrees of freedom (:func:`greater`, :func:`less`), or an exact
+sign test or Wilcoxon signed-rank test where the differences are far from normal, and
+"within x" as two one-sided tests (:func:`within`), each at the 5 % level. The seed count a
+comparison needs comes from a pilot (:func:`seeds_for`). :func:`claim` asserts the test's
+verdict and shows the claim as one line, its n, test and p-value folded under it; the book's
+claims ledger lists them all.
 
 Two environment variables perturb every page, so that the book's claims are tested as
 claims about the methods and not about where one machine's floats fell:
@@ -10,13 +19,15 @@ claims about the methods and not about where one machine's floats fell:
 """
 from __future__ import annotations
 
+import html
 import inspect
 import json
 import math
 import os
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,7 +35,9 @@ import torch
 from .plots import use_notebook_renderer
 from .train import get_device, seed_everything
 
-__all__ = ["setup", "seeds", "claim", "Difference", "difference", "log_error", "show_source",
+__all__ = ["setup", "seeds", "claim", "Evidence", "greater", "less", "within", "every",
+           "bound", "power", "seeds_for", "ALPHA", "glue", "fmt_p",
+           "Difference", "difference", "log_error", "show_source",
            "api_name", "API_MODULES", "FULL",
            "SEED_OFFSET", "THREADS"]
 
@@ -87,24 +100,248 @@ def seeds(n: int, start: int = 0) -> list[int]:
     return [start + SEED_OFFSET + i for i in range(n)]
 
 
-def claim(text: str, margin: float, unit: str = "") -> float:
-    """Assert a claim of the text whose truth is ``margin > 0``, and print the margin.
+#: The level of every test in the book: a claim holds when its p-value is below 5 %.
+ALPHA = 0.05
 
-    ``margin`` is how far the data is from making the claim false, in the claim's own
-    units (points of accuracy, a ratio minus its bound, ...), computed by the caller from
-    the page's numbers — for a difference, typically the mean difference minus twice its
-    standard error over the seeds. With ``LOWBIT_CLAIMS=file`` each claim is also appended
-    to that file as a JSON line (the perturbation table's source)."""
-    margin = float(margin)
-    ok = margin > 0
-    print(f"{'✓' if ok else '✗'} {text} (margin {margin:.4g}{unit})")
+
+@dataclass(frozen=True)
+class Evidence:
+    """The outcome of testing one claim: whether it holds, which test decided, on how many
+    paired values (seeds), its p-value (None for a claim about computed values, not a
+    sample), and a one-line summary of the data (mean difference and its confidence
+    bound, how many seeds agree)."""
+    holds: bool
+    test: str
+    n: int
+    p: float | None
+    summary: str
+
+    def details(self) -> str:
+        """``n = 10 · one-sided paired t-test · p = 0.003 · <summary>``."""
+        parts = [f"n = {self.n}", self.test]
+        if self.p is not None:
+            parts.append(fmt_p(self.p))
+        return " · ".join(parts + ([self.summary] if self.summary else []))
+
+
+def fmt_p(p: float) -> str:
+    """A p-value as the text prints it: ``p = 0.03``, ``p = 0.0066``, ``p < 0.001``."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}" if p < 0.01 else f"p = {p:.2f}"
+
+
+def _paired(a, b) -> np.ndarray:
+    a = np.asarray(a, dtype=float).ravel()
+    b = np.broadcast_to(np.asarray(b, dtype=float), a.shape) if np.ndim(b) == 0 else \
+        np.asarray(b, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need as many on each side, got {a.size} and {b.size}")
+    if a.size < 2:
+        raise ValueError(f"a test over seeds needs at least 2 paired values, got {a.size}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError(f"paired values must be finite, got {a.tolist()} and {b.tolist()}")
+    return a - b
+
+
+def _num(x: float, unit: str) -> str:
+    return f"{x:+.3g}{unit}"
+
+
+def greater(a, b=0.0, test: str = "t", unit: str = "", alpha: float = ALPHA) -> Evidence:
+    """Test "a is greater than b" on paired values (one per seed; ``b`` may be a number).
+
+    ``test="t"``: one-sided paired t-test, t = mean(d) / (sd(d)/√n) with n − 1 degrees of
+    freedom, d = a − b; the summary gives the mean difference and its one-sided 95 % lower
+    confidence bound. ``"sign"``: exact sign test (the number of positive differences
+    against Binomial(n', ½), n' the non-zero ones). ``"wilcoxon"``: Wilcoxon's signed-rank
+    test (exact for small n), for differences far from normal but symmetric."""
+    from scipy import stats
+    d = _paired(a, b)
+    n, mean = d.size, float(d.mean())
+    up = int((d > 0).sum())
+    agree = f"higher on {up} of {n} seeds"
+    if test == "t":
+        sd = float(d.std(ddof=1))
+        if sd == 0.0:
+            p = 0.0 if mean > 0 else 1.0
+            low = mean
+        else:
+            se = sd / math.sqrt(n)
+            p = float(stats.t.sf(mean / se, n - 1))
+            low = mean - float(stats.t.ppf(1 - alpha, n - 1)) * se
+        return Evidence(p < alpha, "one-sided paired t-test", n, p,
+                        f"mean difference {_num(mean, unit)}, 95 % lower bound "
+                        f"{_num(low, unit)}; {agree}")
+    if test == "sign":
+        nonzero = int((d != 0).sum())
+        p = float(stats.binom.sf(up - 1, nonzero, 0.5)) if nonzero else 1.0
+        return Evidence(p < alpha, "exact one-sided sign test", n, p,
+                        f"median difference {_num(float(np.median(d)), unit)}; {agree}")
+    if test == "wilcoxon":
+        if not d.any():
+            p = 1.0
+        else:
+            p = float(stats.wilcoxon(d, alternative="greater", zero_method="wilcox").pvalue)
+        return Evidence(p < alpha, "one-sided Wilcoxon signed-rank test", n, p,
+                        f"median difference {_num(float(np.median(d)), unit)}; {agree}")
+    raise ValueError(f"test must be 't', 'sign' or 'wilcoxon', got {test!r}")
+
+
+def less(a, b=0.0, test: str = "t", unit: str = "", alpha: float = ALPHA) -> Evidence:
+    """Test "a is less than b" (:func:`greater` with the sides swapped: the summary's
+    difference is b − a)."""
+    return greater(b, a, test, unit, alpha)
+
+
+def within(a, b, tol: float, unit: str = "", alpha: float = ALPHA) -> Evidence:
+    """Test "a is within ±tol of b" on paired values by two one-sided t-tests (TOST):
+    the mean difference is above −tol (one test) and below +tol (the other), each at
+    ``alpha``; p is the larger of the two. Equivalently, the 90 % confidence interval of the
+    mean difference lies inside ±tol; the summary gives that interval."""
+    from scipy import stats
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    d = _paired(a, b)
+    n, mean, sd = d.size, float(d.mean()), float(d.std(ddof=1))
+    if sd == 0.0:
+        p = 0.0 if abs(mean) < tol else 1.0
+        lo = hi = mean
+    else:
+        se = sd / math.sqrt(n)
+        p = float(max(stats.t.sf((mean + tol) / se, n - 1), stats.t.sf((tol - mean) / se, n - 1)))
+        half = float(stats.t.ppf(1 - alpha, n - 1)) * se
+        lo, hi = mean - half, mean + half
+    return Evidence(p < alpha, "two one-sided paired t-tests (TOST)", n, p,
+                    f"mean difference {_num(mean, unit)}, 90 % interval {_num(lo, unit)} to "
+                    f"{_num(hi, unit)}, inside ±{tol:g}{unit}")
+
+
+def every(values, above: float | None = None, below: float | None = None,
+          unit: str = "") -> Evidence:
+    """The claim "on every seed, the value is above (or below) a bound": a statement about
+    the seeds run, decided by the worst of them (no p-value). Give ``above`` or ``below``."""
+    v = np.asarray(values, dtype=float).ravel()
+    if (above is None) == (below is None):
+        raise ValueError("give exactly one of above and below")
+    if v.size == 0 or not np.isfinite(v).all():
+        raise ValueError(f"every() needs finite values, got {v.tolist()}")
+    if above is not None:
+        worst, holds, rel = float(v.min()), bool(v.min() > above), f"above {above:g}{unit}"
+    else:
+        worst, holds, rel = float(v.max()), bool(v.max() < below), f"below {below:g}{unit}"
+    return Evidence(holds, "every seed", int(v.size), None,
+                    f"worst seed {worst:.4g}{unit}, bound: {rel}")
+
+
+def bound(value: float, above: float | None = None, below: float | None = None,
+          unit: str = "") -> Evidence:
+    """A claim about one computed value (an exact count, a property of a formula), not a
+    sample: holds when it is above (or below) the bound."""
+    e = every([value], above, below, unit)
+    return Evidence(e.holds, "computed value", 1, None,
+                    f"value {float(value):.4g}{unit}, bound: " + e.summary.split("bound: ")[1])
+
+
+def power(n: int, effect: float, sd: float, alpha: float = ALPHA) -> float:
+    """The power of the one-sided paired t-test on ``n`` seeds: the probability that it
+    finds a mean difference ``effect`` when the differences' standard deviation is ``sd``
+    (the non-central t distribution with n − 1 degrees of freedom)."""
+    from scipy import stats
+    if n < 2:
+        raise ValueError(f"a paired t-test needs at least 2 seeds, got {n}")
+    if sd <= 0:
+        return 1.0 if effect > 0 else 0.0
+    crit = stats.t.ppf(1 - alpha, n - 1)
+    return float(stats.nct.sf(crit, n - 1, effect / sd * math.sqrt(n)))
+
+
+def seeds_for(pilot_differences, effect: float | None = None, target: float = 0.8,
+              alpha: float = ALPHA, minimum: int = 5, maximum: int = 200) -> int:
+    """The number of seeds a one-sided paired t-test needs for ``target`` power at
+    ``effect`` (the pilot's mean difference by default), with the standard deviation
+    estimated from a pilot's per-seed differences; at least ``minimum``. Raises when even
+    ``maximum`` seeds are not enough (the effect is too small for the spread)."""
+    d = np.asarray(pilot_differences, dtype=float).ravel()
+    if d.size < 2 or not np.isfinite(d).all():
+        raise ValueError(f"a pilot needs at least 2 finite differences, got {d.tolist()}")
+    effect = float(d.mean()) if effect is None else float(effect)
+    if effect <= 0:
+        raise ValueError(f"the effect to detect must be positive, got {effect:.3g}")
+    sd = float(d.std(ddof=1))
+    for n in range(max(minimum, 2), maximum + 1):
+        if power(n, effect, sd, alpha) >= target:
+            return n
+    raise ValueError(f"{maximum} seeds give less than {target:.0%} power at effect "
+                     f"{effect:.3g} with a spread of {sd:.3g}: the effect is too small to test")
+
+
+def claim(text: str, evidence: "Evidence | float", unit: str = "") -> "Evidence | float":
+    """Assert a claim of the text and show it as one line, ✓ and the statement, with its
+    n, test and p-value folded under it (in the book; printed after it elsewhere).
+
+    ``evidence`` is an :class:`Evidence` from one of the tests (:func:`greater`,
+    :func:`within`, :func:`every`, ...). A plain number is the older form, a margin whose
+    sign decides (``margin > 0``; kept for the pages not yet moved to the tests). With
+    ``LOWBIT_CLAIMS=file`` each claim is also appended to that file as a JSON line."""
+    if isinstance(evidence, Evidence):
+        ok, record = evidence.holds, asdict(evidence)
+        detail = evidence.details()
+    else:
+        margin = float(evidence)
+        ok = margin > 0
+        record = {"holds": ok, "test": "margin (older form)", "n": None, "p": None,
+                  "summary": f"margin {margin:.4g}{unit}"}
+        detail = f"margin {margin:.4g}{unit} (older form: mean minus two standard errors)"
+    mark = "✓" if ok else "✗"
+    record = {"claim": text, **record, "seed_offset": SEED_OFFSET, "threads": THREADS}
+    _show_claim(mark, text, detail, record)
     log = os.environ.get("LOWBIT_CLAIMS")
     if log:
         with open(log, "a") as f:
-            f.write(json.dumps({"claim": text, "margin": margin, "ok": ok,
-                                "seed_offset": SEED_OFFSET, "threads": THREADS}) + "\n")
-    assert ok, f"claim does not hold: {text} (margin {margin:.4g}{unit})"
-    return margin
+            f.write(json.dumps(record) + "\n")
+    assert ok, f"claim does not hold: {text} ({detail})"
+    return evidence
+
+
+def _show_claim(mark: str, text: str, detail: str, record: dict) -> None:
+    """One claim as a folded HTML line for the book (with its record for the ledger, in a
+    data attribute) and as plain text for a terminal."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:  # pragma: no cover
+        get_ipython = None
+    if get_ipython is None or get_ipython() is None:
+        print(f"{mark} {text} ({detail})")
+        return
+    data = html.escape(json.dumps(record), quote=True)
+    page = (f'<details class="lowbit-claim" data-lowbit-claim="{data}"><summary>{mark} '
+            f'{html.escape(text)}</summary><span class="lowbit-claim-detail">'
+            f'{html.escape(detail)}</span></details>')
+    display({"text/plain": f"{mark} {text} ({detail})", "text/html": page}, raw=True)
+
+
+class _Text(str):
+    """A string whose repr is itself: glued as ``text/plain`` without quotes."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def glue(name: str, value: object, spec: str = "") -> str:
+    """Put a computed value into the page's prose: the markdown writes
+    ``{glue:text}`name``` where the value goes (myst-nb's glue). ``spec`` formats a number
+    (``".1f"``); the text is returned too. Shows nothing in the notebook."""
+    text = format(value, spec) if spec else str(value)
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:  # pragma: no cover
+        return text
+    if get_ipython() is not None:
+        prefix = "application/papermill.record/"
+        display({prefix + "text/plain": text}, raw=True,
+                metadata={"scrapbook": {"name": name, "mime_prefix": prefix}})
+    return text
 
 
 @dataclass(frozen=True)

