@@ -113,7 +113,7 @@ def test_setup_pins_threads_and_returns_the_offset_seed(monkeypatch, capsys):
 def test_claim_asserts_and_logs(tmp_path, monkeypatch):
     log = tmp_path / "claims.jsonl"
     monkeypatch.setenv("LOWBIT_CLAIMS", str(log))
-    assert book.claim("a true claim", 0.5) == 0.5
+    assert book.claim("a true claim", 0.5) is None
     with pytest.raises(AssertionError, match="a false claim"):
         book.claim("a false claim", -0.1)
     lines = log.read_text().splitlines()
@@ -317,7 +317,7 @@ def test_claim_with_evidence_shows_one_line_and_logs(tmp_path, monkeypatch, caps
     log = tmp_path / "claims.jsonl"
     monkeypatch.setenv("LOWBIT_CLAIMS", str(log))
     e = book.greater([3.0, 4.0, 5.0, 4.5, 3.5], 1.0)
-    assert book.claim("a holds", e) is e
+    assert book.claim("a holds", e) is None
     out = capsys.readouterr().out
     assert out.startswith("✓ a holds (n = 5 · one-sided paired t-test · p < 0.001 · mean ")
     with pytest.raises(AssertionError, match="claim does not hold: b fails"):
@@ -330,4 +330,4 @@ def test_claim_with_evidence_shows_one_line_and_logs(tmp_path, monkeypatch, caps
 def test_fmt_p_and_glue():
     assert book.fmt_p(0.0004) == "p < 0.001" and book.fmt_p(0.0066) == "p = 0.0066"
     assert book.fmt_p(0.034) == "p = 0.03" and book.fmt_p(0.5) == "p = 0.50"
-    assert book.glue("x", 3.14159, ".2f") == "3.14"
+    assert book.glue("x", 3.14159, ".2f") is None  # outside a notebook: nothing shown

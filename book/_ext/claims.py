@@ -4,7 +4,7 @@
 claim's record (statement, test, n, p-value, summary) as JSON in a ``data-lowbit-claim``
 attribute. When Sphinx reads a page (an executed notebook, fresh or from jupyter-cache),
 this extension collects those records from the page's raw HTML; the ``claims-ledger``
-directive (on ``book/ledger``) becomes a table of all of them, page by page, and the
+directive (on ``book/appendix/ledger``) becomes a table of all of them, page by page, and the
 ledger page is written again whenever any page is read again.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from docutils import nodes
 from sphinx.util.docutils import SphinxDirective
 
 _RECORD = re.compile(r'data-lowbit-claim="([^"]*)"')
-LEDGER = "book/ledger"
+LEDGER = "book/appendix/ledger"
 
 
 class ledger_node(nodes.General, nodes.Element):

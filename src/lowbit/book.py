@@ -274,7 +274,7 @@ def seeds_for(pilot_differences, effect: float | None = None, target: float = 0.
                      f"{effect:.3g} with a spread of {sd:.3g}: the effect is too small to test")
 
 
-def claim(text: str, evidence: "Evidence | float", unit: str = "") -> "Evidence | float":
+def claim(text: str, evidence: "Evidence | float", unit: str = "") -> None:
     """Assert a claim of the text and show it as one line, ✓ and the statement, with its
     n, test and p-value folded under it (in the book; printed after it elsewhere).
 
@@ -299,7 +299,6 @@ def claim(text: str, evidence: "Evidence | float", unit: str = "") -> "Evidence 
         with open(log, "a") as f:
             f.write(json.dumps(record) + "\n")
     assert ok, f"claim does not hold: {text} ({detail})"
-    return evidence
 
 
 def _show_claim(mark: str, text: str, detail: str, record: dict) -> None:
@@ -327,21 +326,20 @@ class _Text(str):
         return str(self)
 
 
-def glue(name: str, value: object, spec: str = "") -> str:
+def glue(name: str, value: object, spec: str = "") -> None:
     """Put a computed value into the page's prose: the markdown writes
     ``{glue:text}`name``` where the value goes (myst-nb's glue). ``spec`` formats a number
-    (``".1f"``); the text is returned too. Shows nothing in the notebook."""
+    (``".1f"``). Shows nothing in the notebook."""
     text = format(value, spec) if spec else str(value)
     try:
         from IPython import get_ipython
         from IPython.display import display
     except ImportError:  # pragma: no cover
-        return text
+        return
     if get_ipython() is not None:
         prefix = "application/papermill.record/"
         display({prefix + "text/plain": text}, raw=True,
                 metadata={"scrapbook": {"name": name, "mime_prefix": prefix}})
-    return text
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ __all__ = [
     "quantize_symmetric", "binarize", "quantize_even",
     "quantize_activations", "quantize_unsigned", "quantize_asymmetric",
     "FakeQuantSTE", "fake_quantize_ste", "QuantConv2d", "QuantLinear", "ActQuant",
-    "prepare_qat", "quantize_model", "quantizable_layers", "layer_bits", "model_size_bits", "quantization_mse",
+    "prepare_qat", "quantize_model", "quantizable_layers", "layer_bits", "model_size_bits", "average_weight_bits", "quantization_mse",
     "replace_layers",
 ]
 
@@ -697,6 +697,20 @@ def model_size_bits(model: nn.Module, default_bits: int = 32, count_zeros: bool 
         if id(p) not in seen:
             total += p.numel() * default_bits
     return total
+
+
+def average_weight_bits(model: nn.Module, default_bits: int = 32) -> float:
+    """A model's bit-width as the book states it: the average bits per conv/linear weight
+    (each layer's ``weight_bits``, ``default_bits`` where it has none). A CNN with its
+    first and last layers at 8 bits and the rest at 2 is not a 2-bit model: its average
+    says how many bits its weights take."""
+    check_bits(default_bits, 1, 32, "default_bits")
+    layers = quantizable_layers(model)
+    n = sum(m.weight.numel() for _, m in layers)
+    if n == 0:
+        raise ValueError("the model has no conv or linear weights to count")
+    return sum(m.weight.numel() * int(getattr(m, "weight_bits", default_bits))
+               for _, m in layers) / n
 
 
 def quantization_mse(w: torch.Tensor, bits: int, per_channel: bool = False) -> float:

@@ -2,6 +2,7 @@
 a per-epoch history. (Trained models are cached by :func:`lowbit.cache.load_or_train`.)"""
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -13,7 +14,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
-__all__ = ["seed_everything", "get_device", "History", "evaluate", "fit", "loss_and_correct"]
+__all__ = ["seed_everything", "get_device", "History", "evaluate", "fit", "loss_and_correct",
+           "progress_bar"]
+
+
+def progress_bar(iterable, desc: str = "", total: int | None = None, enabled: bool = True):
+    """``tqdm.auto`` over ``iterable`` while a person watches; the iterable itself when
+    ``enabled`` is False or ``LOWBIT_PROGRESS=0`` (the book build sets it, so that no bar
+    reaches the HTML)."""
+    if not enabled or os.environ.get("LOWBIT_PROGRESS", "1") == "0":
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
 def seed_everything(seed: int = 0) -> int:
@@ -110,7 +121,8 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
              if lr_schedule == "cosine" else None)
     step = 0
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=True)
+    bar = tqdm(range(epochs), desc=desc, leave=True,
+               disable=not progress or os.environ.get("LOWBIT_PROGRESS", "1") == "0")
     for epoch in bar:
         model.train()
         total, correct, n = 0.0, 0, 0
