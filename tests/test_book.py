@@ -250,6 +250,8 @@ def test_paired_t_test_is_scipys_one_sided_test():
     assert e.test == "one-sided paired t-test" and e.n == 5
     assert abs(e.p - stats.ttest_rel(a, b, alternative="greater").pvalue) < 1e-12 and e.holds
     assert abs(book.less(b, a).p - e.p) < 1e-12
+    # a bound on either side: "the loss is below 1.5" is less(loss, 1.5)
+    assert book.less([0.2, 0.4, 0.3], 1.5).holds and not book.less([1.4, 1.7, 1.6], 1.5).holds
     # 3 seeds with a 2-point mean gain and a spread of 2: not separable (t(2) = 1.73)
     weak = book.greater([2.0, 4.0, 0.0], 0.0)
     assert not weak.holds and weak.p > 0.05

@@ -130,9 +130,11 @@ def fmt_p(p: float) -> str:
 
 
 def _paired(a, b) -> np.ndarray:
-    a = np.asarray(a, dtype=float).ravel()
-    b = np.broadcast_to(np.asarray(b, dtype=float), a.shape) if np.ndim(b) == 0 else \
-        np.asarray(b, dtype=float).ravel()
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim == 0 and b.ndim == 0:
+        raise ValueError(f"a test over seeds needs paired values, got two numbers {a} and {b}")
+    a = np.broadcast_to(a, b.shape).ravel() if a.ndim == 0 else a.ravel()
+    b = np.broadcast_to(b, a.shape).ravel() if b.ndim == 0 else b.ravel()
     if a.shape != b.shape:
         raise ValueError(f"paired values need as many on each side, got {a.size} and {b.size}")
     if a.size < 2:

@@ -19,7 +19,7 @@ from plotly.io._base_renderers import NotebookRenderer
 
 __all__ = ["BookRenderer", "use_notebook_renderer", "stepped_figure", "line_figure", "grid_lines",
            "histogram_with_grid", "value_histograms", "quantizer_staircase", "history_figure",
-           "contour_with_paths", "COLORS", "METHOD_COLORS", "DASHES", "PATTERNS", "method_of", "styles"]
+           "contour_with_paths", "grid_diagram", "scaled_step_diagram", "COLORS", "METHOD_COLORS", "DASHES", "PATTERNS", "method_of", "styles"]
 
 #: Line colours in order of use — the Okabe–Ito palette, told apart by readers with the common
 #: forms of colour blindness (blue, vermillion, bluish green, reddish purple, orange, sky
@@ -290,3 +290,73 @@ def frontier_traces(table, methods: Sequence[str], x: str = "weight bits",
                                  mode="lines", line=dict(color=METHOD_COLORS["full precision"],
                                                          dash="dash")))
     return traces
+
+
+def grid_diagram(w, bits: int = 3, title: str = "The grid and the error of rounding to it"
+                 ) -> go.Figure:
+    """A diagram of symmetric b-bit quantization on a few numbers ``w``: the grid's levels
+    k·Δ (Δ = max|w| / (2^(b−1) − 1)), each number's rounding to the nearest level drawn as an
+    arrow, the error e = Q(w) − w written beside it, and the step Δ marked."""
+    w = _np(w).astype(float).ravel()
+    q_max = 2 ** (bits - 1) - 1
+    delta = float(np.abs(w).max()) / q_max
+    levels = delta * np.arange(-q_max, q_max + 1)
+    q = delta * np.clip(np.round(w / delta), -q_max, q_max)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=levels, y=np.zeros_like(levels), mode="markers+text",
+                             marker=dict(symbol="line-ns-open", size=26, color="#555555",
+                                         line=dict(width=2)),
+                             text=[f"{k:+d}Δ" if k else "0" for k in range(-q_max, q_max + 1)],
+                             textposition="bottom center", name=f"{bits}-bit grid levels"))
+    ys = 0.55 + 0.35 * (np.arange(len(w)) % 2)
+    fig.add_trace(go.Scatter(x=w, y=ys, mode="markers", name="numbers w",
+                             marker=dict(size=10, color=COLORS[0])))
+    fig.add_trace(go.Scatter(x=q, y=np.zeros_like(q), mode="markers", name="Q(w)",
+                             marker=dict(size=11, color=COLORS[1], symbol="diamond")))
+    for wi, qi, yi in zip(w, q, ys):
+        fig.add_annotation(x=qi, y=0.04, ax=wi, ay=yi, xref="x", yref="y", axref="x",
+                           ayref="y", showarrow=True, arrowhead=2, arrowwidth=1.5,
+                           arrowcolor=COLORS[1])
+        fig.add_annotation(x=wi, y=yi + 0.12, text=f"e = {qi - wi:+.2f}", showarrow=False,
+                           font=dict(size=11, color=COLORS[1]))
+    fig.add_shape(type="line", x0=0, x1=delta, y0=-0.42, y1=-0.42,
+                  line=dict(color="#555555", width=2))
+    fig.add_annotation(x=delta / 2, y=-0.52, text=f"Δ = {delta:.2g}", showarrow=False)
+    fig.update_layout(title=title, height=330, xaxis_title="value", yaxis_title="",
+                      yaxis=dict(visible=False, range=[-0.65, 1.2]), showlegend=True,
+                      legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def scaled_step_diagram(grid_step: float = 1.0, lambda_s: float = 4.0, eps: float = 0.0,
+                        title: str = "Where PSGD's step vanishes") -> go.Figure:
+    """A diagram of PSGD's mechanism in one dimension: the scale s(w) = λ_s |w − w*| + ε
+    (w* the nearest grid point) against w, with the grid points where it vanishes, and,
+    at a few weights, the step −η s(w) g that PSGD takes for the same gradient g as SGD's
+    step −η g (arrows): full size half-way between grid points, none on them."""
+    w = np.linspace(-2 * grid_step, 2 * grid_step, 801)
+    target = grid_step * np.round(w / grid_step)
+    scale = lambda_s * np.abs(w - target) + eps
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=w, y=scale, name="scale s(w)", line=dict(color=COLORS[0])))
+    points = grid_step * np.arange(-2, 3)
+    fig.add_trace(go.Scatter(x=points, y=np.zeros_like(points), mode="markers",
+                             name="grid points w* (s = ε)",
+                             marker=dict(symbol="x", size=11, color="#000000")))
+    fig.add_trace(go.Scatter(x=w, y=np.ones_like(w), name="SGD's scale (1)",
+                             line=dict(color=METHOD_COLORS["SGD"], dash="dot")))
+    unit = 0.15 * grid_step  # the length of SGD's step for the gradient drawn
+    for w0 in (grid_step * np.array([-1.5, -1.1, 0.5, 0.9])).tolist():
+        s0 = lambda_s * abs(w0 - grid_step * round(w0 / grid_step)) + eps
+        for y, length, color in ((-0.3, unit, METHOD_COLORS["SGD"]),
+                                 (-0.7, unit * s0, METHOD_COLORS["PSGD"])):
+            fig.add_annotation(x=w0 + length, y=y, ax=w0, ay=y, xref="x", yref="y",
+                               axref="x", ayref="y", showarrow=bool(length > 1e-9), arrowhead=2,
+                               arrowwidth=2, arrowcolor=color, text="")
+    for y, text in ((-0.3, "SGD's step"), (-0.7, "PSGD's step = s(w) × SGD's")):
+        fig.add_annotation(x=2 * grid_step, y=y, xanchor="right", showarrow=False, text=text,
+                           font=dict(size=11))
+    fig.update_layout(title=title, height=400, xaxis_title="weight w",
+                      yaxis_title="scale of the gradient",
+                      yaxis_range=[-0.95, max(2.2, lambda_s * grid_step / 2 * 1.1)])
+    return fig

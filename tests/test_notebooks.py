@@ -1,0 +1,82 @@
+"""Every notebook of the book, as the book build executed it: one test per notebook.
+
+``bash .ci/test`` executes each notebook once, in the book build (``.ci/book``: myst-nb
+runs it with its widgets' state and stores the result in jupyter-cache, and a failing cell
+fails the build). These tests then read that execution back instead of running the
+notebooks a second time: for each notebook in the table of contents, the cache holds an
+execution of exactly its current source, every code cell ran, no cell raised, and every
+claim it shows holds. (To run the notebooks themselves as tests, at another seed offset or
+thread count, use nbval: ``LOWBIT_SEED=3 pytest --nbval-lax -p no:xdist book``.)
+
+Needs ``_build/.jupyter_cache``; skipped without it, except under CI (``CI=true``), where
+a missing execution fails.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "_build" / ".jupyter_cache"
+_RECORD = re.compile(r'data-lowbit-claim="([^"]*)"')
+
+
+def _toc_files() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+
+    def walk(entries):
+        for e in entries or []:
+            if "file" in e:
+                files.append(e["file"])
+            walk(e.get("sections"))
+            walk(e.get("chapters"))
+
+    walk(toc.get("parts"))
+    return files
+
+
+NOTEBOOKS = [f + ".ipynb" for f in _toc_files() if (ROOT / (f + ".ipynb")).exists()]
+
+if not os.environ.get("CI"):
+    pytestmark = pytest.mark.skipif(not CACHE.exists(),
+                                    reason="build the book first: bash .ci/book")
+
+
+def test_every_notebook_is_in_the_table_of_contents():
+    on_disk = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "book").glob("*/*.ipynb"))
+    assert sorted(NOTEBOOKS) == on_disk
+
+
+def claims_of(nb) -> list[dict]:
+    found = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            page = out.get("data", {}).get("text/html", "")
+            found += [json.loads(html.unescape(m)) for m in _RECORD.findall(page)]
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS)
+def test_notebook_ran_in_the_build_and_its_claims_hold(path):
+    import nbformat
+    from jupyter_cache import get_cache
+    nb = nbformat.read(ROOT / path, as_version=4)
+    try:
+        record = get_cache(str(CACHE)).match_cache_notebook(nb)
+    except KeyError:
+        pytest.fail(f"{path}: no execution of its current source in {CACHE} "
+                    "(bash .ci/book executes it)")
+    executed = get_cache(str(CACHE)).get_cache_bundle(record.pk).nb
+    code = [c for c in executed.cells if c.cell_type == "code" and c.source.strip()]
+    assert all(c.get("execution_count") for c in code), f"{path}: a code cell did not run"
+    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"{path}: {errors[0].ename}: {errors[0].evalue}"
+    failed = [c["claim"] for c in claims_of(executed) if not c["holds"]]
+    assert not failed, f"{path}: claims that do not hold: {failed}"
