@@ -255,7 +255,8 @@ def test_paired_t_test_is_scipys_one_sided_test():
     # 3 seeds with a 2-point mean gain and a spread of 2: not separable (t(2) = 1.73)
     weak = book.greater([2.0, 4.0, 0.0], 0.0)
     assert not weak.holds and weak.p > 0.05
-    assert "higher on 2 of 3 seeds" in weak.summary
+    assert "above 0 on 2 of 3 seeds" in weak.summary and "mean 2, " in weak.summary
+    assert "higher on 2 of 3 seeds" in book.greater([2.0, 4.0, 0.0], [0.0, 0.0, 0.0]).summary
     # equal differences have no spread: decided by their sign
     assert book.greater([2.0, 2.0], [1.0, 1.0]).p == 0.0
     assert book.greater([1.0, 1.0], [1.0, 1.0]).p == 1.0

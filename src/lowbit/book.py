@@ -100,7 +100,7 @@ def seeds(n: int, start: int = 0) -> list[int]:
     return [start + SEED_OFFSET + i for i in range(n)]
 
 
-#: The level of every test in the book: a claim holds when its p-value is below 5 %.
+#: The level of every test in the book (a claim holds when its p-value is below 5 %).
 ALPHA = 0.05
 
 
@@ -148,50 +148,68 @@ def _num(x: float, unit: str) -> str:
     return f"{x:+.3g}{unit}"
 
 
+def _sided(d: np.ndarray, test: str, alpha: float) -> tuple[float, str, float]:
+    """p-value of "the differences d are above zero", the test's name, and the 95 % lower
+    confidence bound of their mean (t-test) or their median (sign, Wilcoxon)."""
+    from scipy import stats
+    n, mean = d.size, float(d.mean())
+    if test == "t":
+        sd = float(d.std(ddof=1))
+        if sd == 0.0:
+            return (0.0 if mean > 0 else 1.0), "one-sided paired t-test", mean
+        se = sd / math.sqrt(n)
+        return (float(stats.t.sf(mean / se, n - 1)), "one-sided paired t-test",
+                mean - float(stats.t.ppf(1 - alpha, n - 1)) * se)
+    if test == "sign":
+        up, nonzero = int((d > 0).sum()), int((d != 0).sum())
+        p = float(stats.binom.sf(up - 1, nonzero, 0.5)) if nonzero else 1.0
+        return p, "exact one-sided sign test", float(np.median(d))
+    if test == "wilcoxon":
+        p = float(stats.wilcoxon(d, alternative="greater", zero_method="wilcox").pvalue) \
+            if d.any() else 1.0
+        return p, "one-sided Wilcoxon signed-rank test", float(np.median(d))
+    raise ValueError(f"test must be 't', 'sign' or 'wilcoxon', got {test!r}")
+
+
+def _one_sided(a, b, test: str, unit: str, alpha: float, sign: int) -> Evidence:
+    """``sign`` = +1: "a is greater than b"; −1: "a is less than b"."""
+    d = _paired(a, b)
+    p, name, bound_ = _sided(sign * d, test, alpha)
+    n = d.size
+    agree = int((sign * d > 0).sum())
+    what = "mean" if test == "t" else "median"
+    side, word = ("lower", "above") if sign > 0 else ("upper", "below")
+    centre = float(d.mean()) if test == "t" else float(np.median(d))
+    if np.ndim(b) == 0:  # a against a fixed bound: describe a itself
+        level = float(b)
+        est = f"{what} {centre + level:.3g}{unit}"
+        ci = f", 95 % {side} bound {sign * bound_ + level:.3g}{unit}" if test == "t" else ""
+        return Evidence(p < alpha, name, n, p,
+                        f"{est}{ci}; {word} {level:g}{unit} on {agree} of {n} seeds")
+    if np.ndim(a) == 0:
+        raise ValueError("give the paired values first and a fixed bound second")
+    ci = f", 95 % {side} bound {_num(sign * bound_, unit)}" if test == "t" else ""
+    return Evidence(p < alpha, name, n, p,
+                    f"{what} difference {_num(centre, unit)}{ci}; "
+                    f"{'higher' if sign > 0 else 'lower'} on {agree} of {n} seeds")
+
+
 def greater(a, b=0.0, test: str = "t", unit: str = "", alpha: float = ALPHA) -> Evidence:
-    """Test "a is greater than b" on paired values (one per seed; ``b`` may be a number).
+    """Test "a is greater than b" on paired values (one per seed; ``b`` may be a number, a
+    fixed bound).
 
     ``test="t"``: one-sided paired t-test, t = mean(d) / (sd(d)/√n) with n − 1 degrees of
     freedom, d = a − b; the summary gives the mean difference and its one-sided 95 % lower
     confidence bound. ``"sign"``: exact sign test (the number of positive differences
     against Binomial(n', ½), n' the non-zero ones). ``"wilcoxon"``: Wilcoxon's signed-rank
     test (exact for small n), for differences far from normal but symmetric."""
-    from scipy import stats
-    d = _paired(a, b)
-    n, mean = d.size, float(d.mean())
-    up = int((d > 0).sum())
-    agree = f"higher on {up} of {n} seeds"
-    if test == "t":
-        sd = float(d.std(ddof=1))
-        if sd == 0.0:
-            p = 0.0 if mean > 0 else 1.0
-            low = mean
-        else:
-            se = sd / math.sqrt(n)
-            p = float(stats.t.sf(mean / se, n - 1))
-            low = mean - float(stats.t.ppf(1 - alpha, n - 1)) * se
-        return Evidence(p < alpha, "one-sided paired t-test", n, p,
-                        f"mean difference {_num(mean, unit)}, 95 % lower bound "
-                        f"{_num(low, unit)}; {agree}")
-    if test == "sign":
-        nonzero = int((d != 0).sum())
-        p = float(stats.binom.sf(up - 1, nonzero, 0.5)) if nonzero else 1.0
-        return Evidence(p < alpha, "exact one-sided sign test", n, p,
-                        f"median difference {_num(float(np.median(d)), unit)}; {agree}")
-    if test == "wilcoxon":
-        if not d.any():
-            p = 1.0
-        else:
-            p = float(stats.wilcoxon(d, alternative="greater", zero_method="wilcox").pvalue)
-        return Evidence(p < alpha, "one-sided Wilcoxon signed-rank test", n, p,
-                        f"median difference {_num(float(np.median(d)), unit)}; {agree}")
-    raise ValueError(f"test must be 't', 'sign' or 'wilcoxon', got {test!r}")
+    return _one_sided(a, b, test, unit, alpha, +1)
 
 
 def less(a, b=0.0, test: str = "t", unit: str = "", alpha: float = ALPHA) -> Evidence:
-    """Test "a is less than b" (:func:`greater` with the sides swapped: the summary's
-    difference is b − a)."""
-    return greater(b, a, test, unit, alpha)
+    """Test "a is less than b" (as :func:`greater`, the other way; the summary gives the
+    mean difference a − b and its 95 % upper bound, or, for a fixed bound b, a's mean)."""
+    return _one_sided(a, b, test, unit, alpha, -1)
 
 
 def within(a, b, tol: float, unit: str = "", alpha: float = ALPHA) -> Evidence:
@@ -329,8 +347,8 @@ class _Text(str):
 
 
 def glue(name: str, value: object, spec: str = "") -> None:
-    """Put a computed value into the page's prose: the markdown writes
-    ``{glue:text}`name``` where the value goes (myst-nb's glue). ``spec`` formats a number
+    """Put a computed value into the page's prose, where the markdown has myst-nb's
+    ``glue:text`` role with ``name`` (myst-nb's glue). ``spec`` formats a number
     (``".1f"``). Shows nothing in the notebook."""
     text = format(value, spec) if spec else str(value)
     try:

@@ -295,8 +295,8 @@ def frontier_traces(table, methods: Sequence[str], x: str = "weight bits",
 def grid_diagram(w, bits: int = 3, title: str = "The grid and the error of rounding to it"
                  ) -> go.Figure:
     """A diagram of symmetric b-bit quantization on a few numbers ``w``: the grid's levels
-    k·Δ (Δ = max|w| / (2^(b−1) − 1)), each number's rounding to the nearest level drawn as an
-    arrow, the error e = Q(w) − w written beside it, and the step Δ marked."""
+    ``k·Δ`` (``Δ = max|w| / (2^(b−1) − 1)``), each number's rounding to the nearest level
+    drawn as an arrow, the error ``e = Q(w) − w`` written beside it, and the step Δ marked."""
     w = _np(w).astype(float).ravel()
     q_max = 2 ** (bits - 1) - 1
     delta = float(np.abs(w).max()) / q_max
@@ -330,10 +330,10 @@ def grid_diagram(w, bits: int = 3, title: str = "The grid and the error of round
 
 def scaled_step_diagram(grid_step: float = 1.0, lambda_s: float = 4.0, eps: float = 0.0,
                         title: str = "Where PSGD's step vanishes") -> go.Figure:
-    """A diagram of PSGD's mechanism in one dimension: the scale s(w) = λ_s |w − w*| + ε
-    (w* the nearest grid point) against w, with the grid points where it vanishes, and,
-    at a few weights, the step −η s(w) g that PSGD takes for the same gradient g as SGD's
-    step −η g (arrows): full size half-way between grid points, none on them."""
+    """A diagram of PSGD's mechanism in one dimension: the scale ``s(w) = λ_s·|w − w*| + ε``
+    (``w*`` the nearest grid point) against w, with the grid points where it vanishes, and,
+    at a few weights, the step ``−η·s(w)·g`` that PSGD takes for the same gradient g as
+    SGD's step ``−η·g`` (arrows): largest half-way between grid points, none on them."""
     w = np.linspace(-2 * grid_step, 2 * grid_step, 801)
     target = grid_step * np.round(w / grid_step)
     scale = lambda_s * np.abs(w - target) + eps
