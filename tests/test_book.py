@@ -334,3 +334,17 @@ def test_fmt_p_and_glue():
     assert book.fmt_p(0.0004) == "p < 0.001" and book.fmt_p(0.0066) == "p = 0.0066"
     assert book.fmt_p(0.034) == "p = 0.03" and book.fmt_p(0.5) == "p = 0.50"
     assert book.glue("x", 3.14159, ".2f") is None  # outside a notebook: nothing shown
+
+
+def test_mechanism_diagrams_draw_what_the_quantizer_and_psgd_compute():
+    from lowbit import plots, quant
+    w = torch.tensor([-0.9, -0.3, 0.05, 0.4, 1.2])
+    fig = plots.grid_diagram(w, bits=3)
+    q = [t for t in fig.data if t.name == "Q(w)"][0]
+    assert list(q.x) == pytest.approx(quant.quantize_symmetric(w, 3).tolist())
+    levels = [t for t in fig.data if t.name.endswith("grid levels")][0]
+    assert len(levels.x) == 7 and fig.layout.title.text and fig.layout.xaxis.title.text
+    step = plots.scaled_step_diagram(grid_step=0.5, lambda_s=8.0)
+    s = [t for t in step.data if t.name == "scale s(w)"][0]
+    on_grid = [v for x, v in zip(s.x, s.y) if abs(x / 0.5 - round(x / 0.5)) < 1e-9]
+    assert on_grid and max(on_grid) == 0 and max(s.y) == pytest.approx(8.0 * 0.25)

@@ -241,6 +241,12 @@ exercises) shows as plain text there, as the published book renders it. Run a no
 to bottom (Run > Run All Cells): each runs in about a minute on 2 CPU cores. Trained models and
 prepared data are cached in `~/.cache/lowbit` (set `LOWBIT_DATA` to put them elsewhere).
 
+Most chapters train on Fashion-MNIST, read from its four IDX files: on Debian or Ubuntu,
+`sudo apt-get install dataset-fashion-mnist` puts them in
+`/usr/share/datasets/fashion-mnist`; elsewhere set `LOWBIT_FASHION_MNIST` to a folder that
+holds them (the files torchvision and Keras download). Nothing is downloaded while the
+notebooks run.
+
 On Linux, pip installs torch's CUDA build (about 5 GB with its NVIDIA libraries; it runs on
 the CPU too). For the CPU build alone (about 1 GB), install torch first from PyTorch's CPU
 wheel index: `.venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`.
