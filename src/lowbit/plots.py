@@ -322,8 +322,10 @@ def grid_diagram(w, bits: int = 3, title: str = "The grid and the error of round
     fig.add_shape(type="line", x0=0, x1=delta, y0=-0.42, y1=-0.42,
                   line=dict(color="#555555", width=2))
     fig.add_annotation(x=delta / 2, y=-0.52, text=f"Δ = {delta:.2g}", showarrow=False)
-    fig.update_layout(title=title, height=330, xaxis_title="value", yaxis_title="",
-                      yaxis=dict(visible=False, range=[-0.65, 1.2]), showlegend=True,
+    fig.update_layout(title=title, height=330, xaxis_title="value",
+                      yaxis=dict(visible=False, range=[-0.65, 1.2],
+                                 title="numbers (above) and the grid (on the line)"),
+                      showlegend=True,
                       legend=dict(orientation="h", y=-0.25))
     return fig
 
