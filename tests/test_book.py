@@ -348,3 +348,17 @@ def test_mechanism_diagrams_draw_what_the_quantizer_and_psgd_compute():
     s = [t for t in step.data if t.name == "scale s(w)"][0]
     on_grid = [v for x, v in zip(s.x, s.y) if abs(x / 0.5 - round(x / 0.5)) < 1e-9]
     assert on_grid and max(on_grid) == 0 and max(s.y) == pytest.approx(8.0 * 0.25)
+
+
+def test_glued_text_reads_back_as_written(monkeypatch):
+    """myst-nb's glue:text role literal-evaluates text/plain: '4,000' must not become (4, 0)."""
+    from myst_nb.core.variables import format_plain_text
+    shown = []
+    import IPython
+    import IPython.display
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr(IPython.display, "display", lambda data, **kw: shown.append(data))
+    for value, spec in (("4,000", ""), (6.61, ".1f"), ("p < 0.001", ""), (20432, ","), ("(4, 0)", "")):
+        book.glue("k", value, spec)
+        text = shown[-1]["application/papermill.record/text/plain"]
+        assert format_plain_text(text, "s") == (format(value, spec) if spec else str(value))

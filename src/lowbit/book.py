@@ -339,13 +339,6 @@ def _show_claim(mark: str, text: str, detail: str, record: dict) -> None:
     display({"text/plain": f"{mark} {text} ({detail})", "text/html": page}, raw=True)
 
 
-class _Text(str):
-    """A string whose repr is itself: glued as ``text/plain`` without quotes."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
 def glue(name: str, value: object, spec: str = "") -> None:
     """Put a computed value into the page's prose, where the markdown has myst-nb's
     ``glue:text`` role with ``name`` (myst-nb's glue). ``spec`` formats a number
@@ -357,8 +350,10 @@ def glue(name: str, value: object, spec: str = "") -> None:
     except ImportError:  # pragma: no cover
         return
     if get_ipython() is not None:
+        # myst-nb reads text/plain with ast.literal_eval (to drop a string's quotes), which
+        # would turn "4,000" into the tuple (4, 0): the quoted form comes back as the text
         prefix = "application/papermill.record/"
-        display({prefix + "text/plain": text}, raw=True,
+        display({prefix + "text/plain": repr(text)}, raw=True,
                 metadata={"scrapbook": {"name": name, "mime_prefix": prefix}})
 
 
