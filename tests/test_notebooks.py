@@ -13,18 +13,15 @@ a missing execution fails.
 """
 from __future__ import annotations
 
-import html
-import json
 import os
-import re
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import book_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "_build" / ".jupyter_cache"
-_RECORD = re.compile(r'data-lowbit-claim="([^"]*)"')
 
 
 def _toc_files() -> list[str]:
@@ -55,12 +52,10 @@ def test_every_notebook_is_in_the_table_of_contents():
 
 
 def claims_of(nb) -> list[dict]:
-    found = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            page = out.get("data", {}).get("text/html", "")
-            found += [json.loads(html.unescape(m)) for m in _RECORD.findall(page)]
-    return found
+    """The claim records an executed notebook shows, read as the ledger reads them."""
+    records = book_extension("claims").records
+    return [rec for cell in nb.cells for out in cell.get("outputs", [])
+            for rec in records(out.get("data", {}).get("text/html", ""))]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS)

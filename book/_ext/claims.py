@@ -31,15 +31,17 @@ class ClaimsLedger(SphinxDirective):
         return [ledger_node()]
 
 
+def records(page: str) -> list[dict]:
+    """The claim records in a piece of HTML (a notebook output or a page's raw node)."""
+    return [json.loads(html.unescape(m)) for m in _RECORD.findall(page)]
+
+
 def collect(app, doctree) -> None:
     """Store the claim records of the page just read."""
     env = app.env
     if not hasattr(env, "lowbit_claims"):
         env.lowbit_claims = {}
-    found = []
-    for raw in doctree.findall(nodes.raw):
-        for m in _RECORD.finditer(raw.astext()):
-            found.append(json.loads(html.unescape(m.group(1))))
+    found = [rec for raw in doctree.findall(nodes.raw) for rec in records(raw.astext())]
     if found:
         env.lowbit_claims[env.docname] = found
     else:

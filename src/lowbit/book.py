@@ -235,19 +235,25 @@ def within(a, b, tol: float, unit: str = "", alpha: float = ALPHA) -> Evidence:
                     f"{_num(hi, unit)}, inside ±{tol:g}{unit}")
 
 
+def _against(v: np.ndarray, above: float | None, below: float | None,
+             unit: str) -> tuple[bool, float, str]:
+    """Whether every value is above (or below) the bound, the worst value, and the bound
+    in words. Give exactly one of ``above`` and ``below``."""
+    if (above is None) == (below is None):
+        raise ValueError("give exactly one of above and below")
+    if v.size == 0 or not np.isfinite(v).all():
+        raise ValueError(f"the values must be finite, got {v.tolist()}")
+    if above is not None:
+        return bool(v.min() > above), float(v.min()), f"above {above:g}{unit}"
+    return bool(v.max() < below), float(v.max()), f"below {below:g}{unit}"
+
+
 def every(values, above: float | None = None, below: float | None = None,
           unit: str = "") -> Evidence:
     """The claim "on every seed, the value is above (or below) a bound": a statement about
     the seeds run, decided by the worst of them (no p-value). Give ``above`` or ``below``."""
     v = np.asarray(values, dtype=float).ravel()
-    if (above is None) == (below is None):
-        raise ValueError("give exactly one of above and below")
-    if v.size == 0 or not np.isfinite(v).all():
-        raise ValueError(f"every() needs finite values, got {v.tolist()}")
-    if above is not None:
-        worst, holds, rel = float(v.min()), bool(v.min() > above), f"above {above:g}{unit}"
-    else:
-        worst, holds, rel = float(v.max()), bool(v.max() < below), f"below {below:g}{unit}"
+    holds, worst, rel = _against(v, above, below, unit)
     return Evidence(holds, "every seed", int(v.size), None,
                     f"worst seed {worst:.4g}{unit}, bound: {rel}")
 
@@ -256,9 +262,8 @@ def bound(value: float, above: float | None = None, below: float | None = None,
           unit: str = "") -> Evidence:
     """A claim about one computed value (an exact count, a property of a formula), not a
     sample: holds when it is above (or below) the bound."""
-    e = every([value], above, below, unit)
-    return Evidence(e.holds, "computed value", 1, None,
-                    f"value {float(value):.4g}{unit}, bound: " + e.summary.split("bound: ")[1])
+    holds, v, rel = _against(np.asarray([value], dtype=float), above, below, unit)
+    return Evidence(holds, "computed value", 1, None, f"value {v:.4g}{unit}, bound: {rel}")
 
 
 def power(n: int, effect: float, sd: float, alpha: float = ALPHA) -> float:

@@ -18,11 +18,16 @@ __all__ = ["seed_everything", "get_device", "History", "evaluate", "fit", "loss_
            "progress_bar"]
 
 
+def _bars_off() -> bool:
+    """``LOWBIT_PROGRESS=0``: no progress bars (the book build sets it)."""
+    return os.environ.get("LOWBIT_PROGRESS", "1") == "0"
+
+
 def progress_bar(iterable, desc: str = "", total: int | None = None, enabled: bool = True):
     """``tqdm.auto`` over ``iterable`` while a person watches; the iterable itself when
     ``enabled`` is False or ``LOWBIT_PROGRESS=0`` (the book build sets it, so that no bar
     reaches the HTML)."""
-    if not enabled or os.environ.get("LOWBIT_PROGRESS", "1") == "0":
+    if not enabled or _bars_off():
         return iterable
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
@@ -122,7 +127,7 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
              if lr_schedule == "cosine" else None)
     step = 0
     bar = tqdm(range(epochs), desc=desc, leave=True,
-               disable=not progress or os.environ.get("LOWBIT_PROGRESS", "1") == "0")
+               disable=not progress or _bars_off())
     for epoch in bar:
         model.train()
         total, correct, n = 0.0, 0, 0
