@@ -286,6 +286,32 @@ def test_within_is_two_one_sided_tests():
         book.within(a, b, 0)
 
 
+def test_interval_is_the_t_interval_tost_checks():
+    import numpy as np
+    from scipy import stats
+    a = [90.1, 90.5, 89.8, 90.3, 90.0]
+    b = [90.0, 90.2, 90.1, 90.0, 90.1]
+    d = np.subtract(a, b)
+    mean, lo, hi = book.interval(a, b)
+    ref = stats.t.interval(0.9, d.size - 1, loc=d.mean(), scale=stats.sem(d))
+    assert mean == pytest.approx(d.mean()) and (lo, hi) == pytest.approx(ref)
+    assert f"{lo:+.3g} to {hi:+.3g}" in book.within(a, b, 1.0).summary
+    assert book.interval(a, b, 0.95)[1] < lo
+    with pytest.raises(ValueError, match="level must be between 0 and 1"):
+        book.interval(a, b, 90)
+
+
+def test_mean_sd_shows_each_group_as_mean_and_spread():
+    import pandas as pd
+    frame = pd.DataFrame({"method": ["b", "b", "a", "a"], "seed": [0, 1, 0, 1],
+                          "acc": [90.0, 92.0, 80.0, 80.0]})
+    shown = book.mean_sd(frame, "method", ["acc"], title="test accuracy (%)")
+    assert list(shown.index) == ["b", "a"] and shown.index.name == "test accuracy (%)"
+    assert shown.loc["b", "acc"] == "91.0 ± 1.4" and shown.loc["a", "acc"] == "80.0 ± 0.0"
+    with pytest.raises(ValueError, match="no column 'loss'"):
+        book.mean_sd(frame, "method", ["loss"])
+
+
 def test_every_and_bound():
     assert book.every([61.0, 70.0], above=60).holds
     assert not book.every([59.0, 70.0], above=60).holds

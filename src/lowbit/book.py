@@ -36,7 +36,7 @@ from .plots import use_notebook_renderer
 from .train import get_device, seed_everything
 
 __all__ = ["setup", "seeds", "claim", "Evidence", "greater", "less", "within", "every",
-           "bound", "power", "seeds_for", "ALPHA", "glue", "fmt_p",
+           "bound", "interval", "mean_sd", "power", "seeds_for", "ALPHA", "glue", "fmt_p",
            "Difference", "difference", "log_error", "show_source",
            "api_name", "API_MODULES", "FULL",
            "SEED_OFFSET", "THREADS"]
@@ -221,18 +221,29 @@ def within(a, b, tol: float, unit: str = "", alpha: float = ALPHA) -> Evidence:
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
     d = _paired(a, b)
-    n, mean, sd = d.size, float(d.mean()), float(d.std(ddof=1))
+    n, sd = d.size, float(d.std(ddof=1))
+    mean, lo, hi = interval(a, b, 1 - 2 * alpha)
     if sd == 0.0:
         p = 0.0 if abs(mean) < tol else 1.0
-        lo = hi = mean
     else:
         se = sd / math.sqrt(n)
         p = float(max(stats.t.sf((mean + tol) / se, n - 1), stats.t.sf((tol - mean) / se, n - 1)))
-        half = float(stats.t.ppf(1 - alpha, n - 1)) * se
-        lo, hi = mean - half, mean + half
     return Evidence(p < alpha, "two one-sided paired t-tests (TOST)", n, p,
                     f"mean difference {_num(mean, unit)}, 90 % interval {_num(lo, unit)} to "
                     f"{_num(hi, unit)}, inside ±{tol:g}{unit}")
+
+
+def interval(a, b=0.0, level: float = 0.9) -> tuple[float, float, float]:
+    """The mean paired difference ``a − b`` over seeds and its two-sided t confidence
+    interval at ``level`` (90 % by default: the interval TOST checks): ``(mean, low,
+    high)``. For an effect a page measures and reports without claiming it."""
+    from scipy import stats
+    if not 0 < level < 1:
+        raise ValueError(f"level must be between 0 and 1, got {level!r}")
+    d = _paired(a, b)
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    half = float(stats.t.ppf((1 + level) / 2, d.size - 1)) * sd / math.sqrt(d.size)
+    return mean, mean - half, mean + half
 
 
 def _against(v: np.ndarray, above: float | None, below: float | None,
@@ -264,6 +275,24 @@ def bound(value: float, above: float | None = None, below: float | None = None,
     sample: holds when it is above (or below) the bound."""
     holds, v, rel = _against(np.asarray([value], dtype=float), above, below, unit)
     return Evidence(holds, "computed value", 1, None, f"value {v:.4g}{unit}, bound: {rel}")
+
+
+def mean_sd(frame, by: str, columns: Sequence[str], title: str = "", digits: int = 1):
+    """A results table as a page shows it: one row per value of ``by`` (in order of first
+    appearance), each of ``columns`` as "mean ± sd" over the rows of ``frame`` (one per
+    seed) with ``digits`` decimals; ``title`` names the index (what the numbers are)."""
+    import pandas as pd
+    if not isinstance(digits, int) or digits < 0:
+        raise ValueError(f"digits must be a non-negative int, got {digits!r}")
+    missing = [c for c in [by, *columns] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"no column {missing[0]!r} in the table; it has {list(frame.columns)}")
+    stats_ = frame.groupby(by, sort=False)[list(columns)].agg(["mean", "std"])
+    shown = pd.DataFrame({c: [f"{stats_.loc[k, (c, 'mean')]:.{digits}f} ± "
+                              f"{stats_.loc[k, (c, 'std')]:.{digits}f}" for k in stats_.index]
+                          for c in columns}, index=stats_.index)
+    shown.index.name = title or by
+    return shown
 
 
 def power(n: int, effect: float, sd: float, alpha: float = ALPHA) -> float:
