@@ -312,6 +312,27 @@ def test_mean_sd_shows_each_group_as_mean_and_spread():
         book.mean_sd(frame, "method", ["loss"])
 
 
+def test_seed_lines_draws_one_line_per_seed():
+    from lowbit import plots
+    import pandas as pd
+    frame = pd.DataFrame({"seed": [3, 4], "SGD, data-free": [50.0, 70.0], "PSGD, data-free": [75.0, 76.0]})
+    fig = plots.seed_lines(frame, ["SGD, data-free", "PSGD, data-free"], title="t")
+    assert len(fig.data) == 2 and list(fig.data[0].y) == [50.0, 75.0]
+    assert list(fig.data[1].x) == ["SGD<br>data-free", "PSGD<br>data-free"]
+    assert "seed 4" in fig.data[1].hovertemplate and fig.layout.yaxis.title.text == "test accuracy (%)"
+    with pytest.raises(ValueError, match="no column 'LSQ'"):
+        plots.seed_lines(frame, ["LSQ"])
+
+
+def test_effects_figure_draws_each_interval_around_its_mean():
+    from lowbit import plots
+    fig = plots.effects_figure({"a": (1.0, -0.5, 2.0), "b": (-3.0, -4.0, -1.0)})
+    t = fig.data[0]
+    assert list(t.y) == ["a", "b"] and list(t.x) == [1.0, -3.0]
+    assert list(t.error_x.array) == [1.0, 2.0] and list(t.error_x.arrayminus) == [1.5, 1.0]
+    assert fig.layout.yaxis.title.text == "change" and fig.layout.xaxis.title.text
+
+
 def test_every_and_bound():
     assert book.every([61.0, 70.0], above=60).holds
     assert not book.every([59.0, 70.0], above=60).holds

@@ -17,7 +17,7 @@ import plotly.io as pio
 import torch
 from plotly.io._base_renderers import NotebookRenderer
 
-__all__ = ["BookRenderer", "use_notebook_renderer", "stepped_figure", "line_figure", "grid_lines",
+__all__ = ["BookRenderer", "use_notebook_renderer", "stepped_figure", "line_figure", "seed_lines", "effects_figure", "grid_lines",
            "histogram_with_grid", "value_histograms", "quantizer_staircase", "history_figure",
            "contour_with_paths", "grid_diagram", "scaled_step_diagram", "COLORS", "METHOD_COLORS", "DASHES", "PATTERNS", "method_of", "styles"]
 
@@ -163,6 +163,44 @@ def line_figure(x: Sequence, series: Mapping[str, Sequence[float]], title: str =
                       margin=dict(t=50, b=40, l=60, r=20), **layout)
     if log_y:
         fig.update_yaxes(type="log")
+    return fig
+
+
+def seed_lines(frame, columns: Sequence[str], title: str = "", seed: str = "seed",
+               xaxis: str = "", yaxis: str = "test accuracy (%)", height: int = 420,
+               **layout) -> go.Figure:
+    """One line per seed across ``columns`` (a row of ``frame`` per seed): the paired view
+    of a comparison, in which a seed whose result swings shows as one line, not as a wide
+    error bar. Hovering a point names its seed."""
+    missing = [c for c in [seed, *columns] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"no column {missing[0]!r} in the table; it has {list(frame.columns)}")
+    fig = go.Figure()
+    labels = [str(c).replace(", ", "<br>") for c in columns]
+    for _, row in frame.iterrows():
+        fig.add_trace(go.Scatter(x=labels, y=[row[c] for c in columns], mode="lines+markers",
+                                 line=dict(color=COLORS[0], width=1), showlegend=False,
+                                 hovertemplate=f"seed {row[seed]}: %{{y:.1f}}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=height, **layout)
+    return fig
+
+
+def effects_figure(effects: Mapping[str, tuple[float, float, float]], title: str = "",
+                   xaxis: str = "difference (points)", yaxis: str = "change", height: int = 360,
+                   **layout) -> go.Figure:
+    """Measured effects as points with their intervals, one row each (``name: (mean, low,
+    high)``, as :func:`lowbit.book.interval` gives them), and a line at zero: an effect
+    whose interval crosses the line is one the seeds cannot tell from none."""
+    names = list(effects)
+    mean = [effects[n][0] for n in names]
+    fig = go.Figure(go.Scatter(
+        x=mean, y=names, mode="markers", marker=dict(color=COLORS[0], size=9),
+        error_x=dict(type="data", symmetric=False, array=[effects[n][2] - effects[n][0] for n in names],
+                     arrayminus=[effects[n][0] - effects[n][1] for n in names]),
+        hovertemplate="%{y}: %{x:+.1f}<extra></extra>", showlegend=False))
+    fig.add_vline(x=0, line=dict(color="#7f7f7f", dash="dot"))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=height,
+                      yaxis_autorange="reversed", **layout)
     return fig
 
 
