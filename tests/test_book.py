@@ -299,6 +299,8 @@ def test_interval_is_the_t_interval_tost_checks():
     assert book.interval(a, b, 0.95)[1] < lo
     with pytest.raises(ValueError, match="level must be between 0 and 1"):
         book.interval(a, b, 90)
+    assert book.effect(a, b) == f"{mean:+.1f} points (90 % interval {lo:+.1f} to {hi:+.1f})"
+    assert book.effect([3.0, 5.0], [1.0, 1.0], unit=" %", digits=0).startswith("+3 % (90 % interval")
 
 
 def test_mean_sd_shows_each_group_as_mean_and_spread():

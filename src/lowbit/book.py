@@ -36,7 +36,7 @@ from .plots import use_notebook_renderer
 from .train import get_device, seed_everything
 
 __all__ = ["setup", "seeds", "claim", "Evidence", "greater", "less", "within", "every",
-           "bound", "interval", "mean_sd", "power", "seeds_for", "ALPHA", "glue", "fmt_p",
+           "bound", "interval", "effect", "mean_sd", "power", "seeds_for", "ALPHA", "glue", "fmt_p",
            "Difference", "difference", "log_error", "show_source",
            "api_name", "API_MODULES", "FULL",
            "SEED_OFFSET", "THREADS"]
@@ -275,6 +275,14 @@ def bound(value: float, above: float | None = None, below: float | None = None,
     sample: holds when it is above (or below) the bound."""
     holds, v, rel = _against(np.asarray([value], dtype=float), above, below, unit)
     return Evidence(holds, "computed value", 1, None, f"value {v:.4g}{unit}, bound: {rel}")
+
+
+def effect(a, b=0.0, unit: str = " points", digits: int = 1) -> str:
+    """A measured paired difference ``a − b`` as the prose gives it: its mean and 90 %
+    interval (:func:`interval`), ``"+1.2 points (90 % interval +0.4 to +2.0)"``. For an
+    effect a page reports and glues without claiming it."""
+    mean, lo, hi = interval(a, b)
+    return f"{mean:+.{digits}f}{unit} (90 % interval {lo:+.{digits}f} to {hi:+.{digits}f})"
 
 
 def mean_sd(frame, by: str, columns: Sequence[str], title: str = "", digits: int = 1):
