@@ -309,7 +309,7 @@ def test_mean_sd_shows_each_group_as_mean_and_spread():
                           "acc": [90.0, 92.0, 80.0, 80.0]})
     shown = book.mean_sd(frame, "method", ["acc"], title="test accuracy (%)")
     assert list(shown.index) == ["b", "a"] and shown.index.name == "test accuracy (%)"
-    assert shown.loc["b", "acc"] == "91.0 ± 1.4" and shown.loc["a", "acc"] == "80.0 ± 0.0"
+    assert shown.loc["b", "acc"] == "91.0\u00a0±\u00a01.4" and shown.loc["a", "acc"] == "80.0\u00a0±\u00a00.0"
     with pytest.raises(ValueError, match="no column 'loss'"):
         book.mean_sd(frame, "method", ["loss"])
 

@@ -296,7 +296,8 @@ def mean_sd(frame, by: str, columns: Sequence[str], title: str = "", digits: int
     if missing:
         raise ValueError(f"no column {missing[0]!r} in the table; it has {list(frame.columns)}")
     stats_ = frame.groupby(by, sort=False)[list(columns)].agg(["mean", "std"])
-    shown = pd.DataFrame({c: [f"{stats_.loc[k, (c, 'mean')]:.{digits}f} ± "
+    # non-breaking spaces: a narrow column wraps between numbers, not inside "85.8 ± 0.4"
+    shown = pd.DataFrame({c: [f"{stats_.loc[k, (c, 'mean')]:.{digits}f}\u00a0±\u00a0"
                               f"{stats_.loc[k, (c, 'std')]:.{digits}f}" for k in stats_.index]
                           for c in columns}, index=stats_.index)
     shown.index.name = title or by
