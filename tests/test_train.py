@@ -56,6 +56,34 @@ def test_load_or_train_caches_and_verifies(data_home):
     assert len(calls) == 3
 
 
+def _train_once_slowly(args):
+    """A worker of the test below: load_or_train a model whose training takes a second and
+    leaves a mark in ``marks``."""
+    data_dir, marks = args
+    import os
+    import time
+    os.environ["LOWBIT_DATA"] = data_dir
+
+    def slow(net):
+        with open(marks, "a") as f:
+            f.write("trained\n")
+        time.sleep(1.0)
+        return train.History()
+
+    net, _ = cache.load_or_train({"name": "shared"}, lambda: torch.nn.Linear(2, 2), slow)
+    return net.weight.detach().tolist()
+
+
+def test_two_processes_that_need_one_model_train_it_once(tmp_path):
+    """Notebooks run two at a time (nbval under xdist, say) may need the same model: the
+    model cache locks an entry while it trains, so the second process waits and reads it."""
+    import multiprocessing as mp
+    marks = tmp_path / "marks"
+    with mp.get_context("spawn").Pool(2) as pool:
+        a, b = pool.map(_train_once_slowly, [(str(tmp_path / "data"), str(marks))] * 2)
+    assert marks.read_text() == "trained\n" and a == b
+
+
 def test_models_shapes():
     x = torch.randn(2, 3, 32, 32)
     net = models.resnet20()

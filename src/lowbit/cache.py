@@ -13,6 +13,7 @@ another device, with another thread count or seed offset is never handed back.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -21,7 +22,7 @@ import os
 import uuid
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -127,6 +128,24 @@ def config_key(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for the entry at ``path`` (a hidden ``.lock`` file beside it),
+    so that two processes that need the same model (two notebooks run at once, as nbval
+    under xdist runs them) train it once: the second waits, then reads it. Where there is no ``fcntl``
+    (Windows) or the folder is read-only, nothing is locked."""
+    try:
+        import fcntl
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.with_name(f".{path.name}.lock"), "ab")
+    except (ImportError, OSError):
+        yield
+        return
+    with f:  # closing the file releases the lock
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def load_or_train(config: dict, build: Callable[[], nn.Module],
                   train: Callable[[nn.Module], "History"], cache: bool | None = None
                   ) -> tuple[nn.Module, "History"]:
@@ -142,20 +161,23 @@ def load_or_train(config: dict, build: Callable[[], nn.Module],
     if cache is None:
         cache = os.environ.get("LOWBIT_NO_CACHE", "") in ("", "0")
     path = data_dir() / "models" / f"{config.get('name', 'model')}-{config_key(config)}.pt"
-    model = build()
-    payload = read_entry(path) if cache else None
-    if payload is not None:
-        try:
-            blob = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-            model.load_state_dict(blob["state_dict"])
-            return model.to(get_device()), History.from_dict(blob["history"])
-        except Exception as e:  # a blob from other code: train again
-            warnings.warn(f"cached model {path} does not load ({type(e).__name__}: {e}); "
-                          "training it again")
-            model = build()
-    model = model.to(get_device())
-    history = train(model)
-    if cache:
+    if not cache:
+        model = build().to(get_device())
+        return model, train(model)
+    with _locked(path):
+        model = build()
+        payload = read_entry(path)
+        if payload is not None:
+            try:
+                blob = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+                model.load_state_dict(blob["state_dict"])
+                return model.to(get_device()), History.from_dict(blob["history"])
+            except Exception as e:  # a blob from other code: train again
+                warnings.warn(f"cached model {path} does not load ({type(e).__name__}: {e}); "
+                              "training it again")
+                model = build()
+        model = model.to(get_device())
+        history = train(model)
         buf = io.BytesIO()
         torch.save({"state_dict": {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
                                    for k, v in model.state_dict().items()},
