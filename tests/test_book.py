@@ -301,6 +301,8 @@ def test_interval_is_the_t_interval_tost_checks():
         book.interval(a, b, 90)
     assert book.effect(a, b) == f"{mean:+.1f} points (90 % interval {lo:+.1f} to {hi:+.1f})"
     assert book.effect([3.0, 5.0], [1.0, 1.0], unit=" %", digits=0).startswith("+3 % (90 % interval")
+    # a mean that rounds to zero reads "+0.0", never "-0.0"
+    assert book.effect([1.00, 0.98, 0.99], [1.0, 1.0, 1.0]).startswith("+0.0 points")
 
 
 def test_mean_sd_shows_each_group_as_mean_and_spread():
@@ -322,6 +324,8 @@ def test_seed_lines_draws_one_line_per_seed():
     assert len(fig.data) == 2 and list(fig.data[0].y) == [50.0, 75.0]
     assert list(fig.data[1].x) == ["SGD<br>data-free", "PSGD<br>data-free"]
     assert "seed 4" in fig.data[1].hovertemplate and fig.layout.yaxis.title.text == "test accuracy (%)"
+    assert "%{y:.1f}" in fig.data[0].hovertemplate
+    assert "%{y:.3g}" in plots.seed_lines(frame, ["SGD, data-free"], hover=".3g").data[0].hovertemplate
     with pytest.raises(ValueError, match="no column 'LSQ'"):
         plots.seed_lines(frame, ["LSQ"])
 

@@ -87,7 +87,7 @@ def setup(seed: int = 0) -> int:
     _pin_threads(THREADS)
     torch.set_flush_denormal(True)
     seed = seed_everything(seed + SEED_OFFSET)
-    print(f"seed {seed} (LOWBIT_SEED={SEED_OFFSET}) · {THREADS} threads (LOWBIT_THREADS) · "
+    print(f"seed {seed} (LOWBIT_SEED={SEED_OFFSET}) · {THREADS} thread{'s' * (THREADS != 1)} (LOWBIT_THREADS) · "
           f"torch {torch.__version__} · device {get_device()} · "
           f"python {platform.python_version()}{' · FULL size' if FULL else ''}")
     return seed
@@ -282,7 +282,11 @@ def effect(a, b=0.0, unit: str = " points", digits: int = 1) -> str:
     interval (:func:`interval`), ``"+1.2 points (90 % interval +0.4 to +2.0)"``. For an
     effect a page reports and glues without claiming it."""
     mean, lo, hi = interval(a, b)
-    return f"{mean:+.{digits}f}{unit} (90 % interval {lo:+.{digits}f} to {hi:+.{digits}f})"
+
+    def signed(x: float) -> str:  # a value that rounds to zero reads +0.0, not -0.0
+        return f"{x + 0.0 if round(x, digits) != 0 else 0.0:+.{digits}f}"
+
+    return f"{signed(mean)}{unit} (90 % interval {signed(lo)} to {signed(hi)})"
 
 
 def mean_sd(frame, by: str, columns: Sequence[str], title: str = "", digits: int = 1):

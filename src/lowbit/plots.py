@@ -168,10 +168,11 @@ def line_figure(x: Sequence, series: Mapping[str, Sequence[float]], title: str =
 
 def seed_lines(frame, columns: Sequence[str], title: str = "", seed: str = "seed",
                xaxis: str = "", yaxis: str = "test accuracy (%)", height: int = 420,
-               **layout) -> go.Figure:
+               hover: str = ".1f", **layout) -> go.Figure:
     """One line per seed across ``columns`` (a row of ``frame`` per seed): the paired view
     of a comparison, in which a seed whose result swings shows as one line, not as a wide
-    error bar. Hovering a point names its seed."""
+    error bar. Hovering a point names its seed and shows the value in the ``hover``
+    format (``".1f"``; ``".3g"`` for losses, say)."""
     missing = [c for c in [seed, *columns] if c not in frame.columns]
     if missing:
         raise ValueError(f"no column {missing[0]!r} in the table; it has {list(frame.columns)}")
@@ -180,7 +181,7 @@ def seed_lines(frame, columns: Sequence[str], title: str = "", seed: str = "seed
     for _, row in frame.iterrows():
         fig.add_trace(go.Scatter(x=labels, y=[row[c] for c in columns], mode="lines+markers",
                                  line=dict(color=COLORS[0], width=1), showlegend=False,
-                                 hovertemplate=f"seed {row[seed]}: %{{y:.1f}}<extra></extra>"))
+                                 hovertemplate=f"seed {row[seed]}: %{{y:{hover}}}<extra></extra>"))
     fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=height, **layout)
     return fig
 
