@@ -284,7 +284,7 @@ def effect(a, b=0.0, unit: str = " points", digits: int = 1) -> str:
     mean, lo, hi = interval(a, b)
 
     def signed(x: float) -> str:  # a value that rounds to zero reads +0.0, not -0.0
-        return f"{x + 0.0 if round(x, digits) != 0 else 0.0:+.{digits}f}"
+        return f"{0.0 if round(x, digits) == 0 else x:+.{digits}f}"
 
     return f"{signed(mean)}{unit} (90 % interval {signed(lo)} to {signed(hi)})"
 

@@ -132,8 +132,8 @@ def config_key(config: dict) -> str:
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock for the entry at ``path`` (a hidden ``.lock`` file beside it),
     so that two processes that need the same model (two notebooks run at once, as nbval
-    under xdist runs them) train it once: the second waits, then reads it. Where there is no ``fcntl``
-    (Windows) or the folder is read-only, nothing is locked."""
+    under xdist runs them) train it once: the second waits, then reads it. Where there is
+    no ``fcntl`` (Windows) or the folder is read-only, nothing is locked."""
     try:
         import fcntl
         path.parent.mkdir(parents=True, exist_ok=True)
