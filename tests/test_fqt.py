@@ -636,3 +636,30 @@ def test_compiled_ranges_are_amin_and_amax_and_name_bad_values():
         g[5, 7] = float("nan")
         with pytest.raises(ValueError, match="non-finite"):
             fqt.quantize_copies_compiled(g, copies, None, work)
+
+
+# ----------------------------------------------------------------------------- BHQ at scale
+def test_householder_max_is_the_matrix_max_bit_for_bit():
+    from lowbit.fqt import quantizers
+    for n in list(range(1, 300)) + [1000, 4096]:
+        assert quantizers.householder_max(n) == float(quantizers.householder(n, torch.float64).abs().max()), n
+
+
+def test_bhq_over_32768_rows_with_one_dominant_row_stays_under_1_gb():
+    # one group of 32,768 rows: its reflection matrix alone would take 8.6 GB in float64
+    code = """
+import resource, torch
+from lowbit import fqt
+g = torch.randn(32768, 64, generator=torch.Generator().manual_seed(0)).sign() * 1e-3
+g[0] *= 1e6
+assert fqt.bhq_groups(g) == 1
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = fqt.quantize_bhq(g, 8, generator=torch.Generator().manual_seed(1))
+assert torch.isfinite(out).all()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) < 1024, f"BHQ added {run.stdout.split()[-1]} MB"

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from lowbit import quant as Q
+from lowbit.baselines.lsq import lsq_quantize
+from lowbit.psgd import sparsity
 from lowbit.models import SmallCNN
 
 
@@ -175,3 +177,47 @@ def test_prepare_qat_trains_through_ste():
     out.sum().backward()
     assert qat.features[0].weight.grad is not None
     assert qat.features[0].weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- edge cases
+# Each was once silently wrong (issue 30): now the right answer or an error naming the value.
+EDGE_ERRORS = [
+    ("a boolean is not a bit-width", lambda w: Q.fake_quantize_ste(w, True), "got True"),
+    ("unknown grid", lambda w: Q.fake_quantize_ste(w, 4, grid="odd"), "grid must be one of"),
+    ("a step of 0", lambda w: Q.quantize_symmetric(w, 4, delta=0), r"delta must be finite and positive, got \[0.0\]"),
+    ("a NaN step", lambda w: Q.quantize_symmetric(w, 4, delta=float("nan")), r"got \[nan\]"),
+    ("a negative step", lambda w: Q.quantize_symmetric(w, 4, delta=-0.5), r"got \[-0.5\]"),
+    ("one bad step per channel", lambda w: Q.quantize_symmetric(w, 4, delta=torch.tensor([[1.0], [0.0], [1.0], [1.0]])), "delta must be finite and positive"),
+    ("32-bit codes in float16", lambda w: Q.quantize_symmetric(w.half(), 32), "more than torch.float16 holds.*at most 16 bits"),
+    ("ActQuant's -inf", lambda w: Q.ActQuant(4, x_max=1.0)(torch.tensor([-float("inf"), 0.5])), "1 non-finite activation"),
+    ("ActQuant's negative range", lambda w: Q.ActQuant(4, x_max=-1.0), r"x_max must be a finite number ≥ 0 .*got -1.0"),
+    ("ActQuant's momentum above 1", lambda w: Q.ActQuant(4, momentum=5), r"momentum must be a number in \(0, 1\], got 5"),
+    ("ActQuant's momentum of 0", lambda w: Q.ActQuant(4, momentum=0), "momentum"),
+    ("ActQuant on nothing", lambda w: Q.ActQuant(4)(torch.empty(0, 3)), r"empty tensor \(shape \(0, 3\)\)"),
+    ("ActQuant on a meta tensor", lambda w: Q.ActQuant(4)(torch.empty(3, device="meta")), "meta tensor"),
+    ("negative default bits", lambda w: Q.model_size_bits(torch.nn.Linear(2, 2), default_bits=-1), "default_bits must be from 1 to 64, got -1"),
+    ("LSQ on NaN", lambda w: lsq_quantize(torch.tensor([float("nan"), 1.0]), torch.tensor([0.5]), 4), "1 non-finite"),
+    ("LSQ's step of 0", lambda w: lsq_quantize(w, torch.tensor([0.0]), 4), r"step\) must be finite and positive, got \[0.0\]"),
+    ("LSQ's NaN step", lambda w: lsq_quantize(w, torch.tensor([float("nan")]), 4), "finite and positive"),
+    ("LSQ's negative step", lambda w: lsq_quantize(w, torch.tensor([-0.1]), 4), "finite and positive"),
+    ("sparsity of a model without weights", lambda w: sparsity(torch.nn.ReLU()), "no conv or linear weights"),
+]
+
+
+@pytest.mark.parametrize("case", EDGE_ERRORS, ids=[c[0] for c in EDGE_ERRORS])
+def test_edge_cases_are_clear_errors(case):
+    _, call, message = case
+    with pytest.raises(ValueError, match=message):
+        call(torch.randn(4, 3))
+
+
+def test_edge_cases_with_right_answers():
+    # binarize's scale is mean|w| without overflow: 2e38 for (1e38, 3e38, -2e38)
+    assert torch.equal(Q.binarize(torch.tensor([1e38, 3e38, -2e38])), torch.tensor([2e38, 2e38, -2e38]))
+    # 16-bit codes fit float16 (32,767 ≤ 65,504): finite, within float16's own spacing
+    w = torch.randn(64).half()
+    q = Q.quantize_symmetric(w, 16)
+    assert q.dtype == torch.float16 and torch.isfinite(q).all() and (q - w).abs().max() < 0.01
+    # a one-element tensor is a range; 0 is one (a ReLU that never fires)
+    assert float(Q.ActQuant(4, x_max=torch.tensor(2.0)).x_max) == 2.0
+    assert torch.equal(Q.ActQuant(4, x_max=0.0).eval()(torch.ones(3)), torch.zeros(3))

@@ -419,3 +419,35 @@ def test_expected_weight_gradient_in_closed_form_is_autograds(alpha, bits, tau):
         # float32 rounding, relative to the gradient's scale (the softmax's small entries)
         torch.testing.assert_close(got, param.grad, rtol=1e-5,
                                    atol=1e-6 * float(param.grad.abs().max()), msg=name)
+
+
+# ----------------------------------------------------------------------------- edge cases
+# Each was once silently wrong (issue 30): now the right answer or an error naming the value.
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan"), float("inf"), True])
+def test_a_temperature_set_on_a_layer_is_checked(tau):
+    layer = slb.SLBLinear(4, 3)
+    with pytest.raises(ValueError, match=f"temperature must be a finite number > 0, got {tau!r}"):
+        layer.temperature = tau
+    assert layer.temperature == 1.0 and torch.isfinite(layer(torch.randn(2, 4))).all()
+
+
+def test_groups_that_do_not_divide_the_channels_are_refused():
+    with pytest.raises(ValueError, match=r"in_channels \(5\) and out_channels \(4\) must both be divisible by groups \(2\)"):
+        slb.SLBConv2d(5, 4, 3, groups=2)
+    conv = slb.SLBConv2d(4, 6, 3, groups=2, padding=1)   # a grouped conv as nn.Conv2d builds it
+    assert conv.weight_shape == tuple(torch.nn.Conv2d(4, 6, 3, groups=2).weight.shape)
+    assert conv(torch.randn(1, 4, 5, 5)).shape == (1, 6, 5, 5)
+
+
+def test_nearest_init_needs_the_layers_weight_shape():
+    with pytest.raises(ValueError, match=r"of shape \(3, 4\); got shape \(5, 5\)"):
+        slb.SLBLinear(4, 3, init="nearest", weight=torch.randn(5, 5))
+
+
+def test_assigning_alpha_to_a_learned_scale_sets_it():
+    layer = slb.SLBLinear(4, 3)
+    layer.alpha = 2.0
+    assert float(layer.alpha.detach()) == pytest.approx(2.0) and layer.log_alpha.requires_grad
+    with pytest.raises(ValueError, match="alpha must be one finite number > 0"):
+        layer.alpha = -1.0
+    assert float(layer.alpha.detach()) == pytest.approx(2.0)

@@ -28,7 +28,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["LABS", "lab_paths", "release", "grade", "check", "NOTEBOOK_REQUIREMENTS",
+__all__ = ["LABS", "MARKER", "lab_paths", "release", "grade", "check", "NOTEBOOK_REQUIREMENTS",
            "notebook_requirements", "wheel", "bundle"]
 
 #: The parts with a lab, in the book's order.
@@ -55,33 +55,61 @@ def lab_paths(root: Path = ROOT) -> dict[str, Path]:
     return paths
 
 
-def release(out: Path, root: Path = ROOT, run_tests: bool = False) -> dict[str, Path]:
+#: The file that marks a folder as a course release this tool wrote (and may rewrite).
+MARKER = ".lowbit-course-release"
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse to write into a folder the tool did not make: ``out`` must be missing, empty,
+    or hold a release made before (its marker file), unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder: choose another OUT")
+    if force or not out.exists() or (out / MARKER).exists() or not any(out.iterdir()):
+        return
+    raise FileExistsError(
+        f"{out} holds files that lowbit.course did not write (no {MARKER} in it), and the "
+        f"release would replace its {', '.join(LABS)} folders and README.md; choose a new or "
+        "empty folder, or pass --force (force=True) to replace them")
+
+
+def release(out: Path, root: Path = ROOT, run_tests: bool = False,
+            force: bool = False) -> dict[str, Path]:
     """Run ``otter assign`` on every lab into ``out/<part>``; return each part's folder.
 
-    The autograder zip (otter names it after the time) is renamed ``autograder.zip``.
-    A part's folder is replaced only once its new release has been written."""
+    ``out`` must be new, empty or a release made before (a marker file says so); anything
+    else is refused unless ``force``. Every part is built in a temporary folder first and
+    moved into place only once all of them succeeded, so a failing lab changes nothing.
+    The autograder zip (otter names it after the time) is renamed ``autograder.zip``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    made = {}
-    for part, master in lab_paths(root).items():
-        with tempfile.TemporaryDirectory(dir=out) as tmp:
+    _check_out(out, force)
+    paths = lab_paths(root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        for part, master in paths.items():
             new = Path(tmp, part)
             cmd = _otter() + ["assign", "--no-pdfs"]
             if not run_tests:
                 cmd.append("--no-run-tests")
             run = subprocess.run(cmd + [str(master), str(new)], capture_output=True, text=True)
             if run.returncode != 0:
-                raise RuntimeError(f"otter assign failed on {master}:\n{run.stdout}\n{run.stderr}")
+                raise RuntimeError(f"otter assign failed on {master} (nothing in {out} was "
+                                   f"changed):\n{run.stdout}\n{run.stderr}")
             zips = sorted((new / "autograder").glob("*.zip"))
             if len(zips) != 1:
-                raise RuntimeError(f"otter assign wrote {len(zips)} autograder zips for {master}")
+                raise RuntimeError(f"otter assign wrote {len(zips)} autograder zips for {master} "
+                                   f"(nothing in {out} was changed)")
             zips[0].rename(new / "autograder" / "autograder.zip")
+        Path(tmp, "README.md").write_text(_README)
+        out.mkdir(exist_ok=True)
+        (out / MARKER).write_text("written by python -m lowbit.course; it may rewrite this folder\n")
+        made = {}
+        for part in paths:
             dest = out / part
             if dest.exists():
-                shutil.rmtree(dest)
-            new.rename(dest)
-        made[part] = dest
-    (out / "README.md").write_text(_README)
+                shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+            Path(tmp, part).rename(dest)
+            made[part] = dest
+        Path(tmp, "README.md").replace(out / "README.md")
     return made
 
 
@@ -262,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="where to write the release (default: _build/course)")
     parser.add_argument("--check", action="store_true",
                         help="also grade each solution and each unanswered student notebook")
+    parser.add_argument("--force", action="store_true",
+                        help="write into OUT even if it holds files this tool did not write "
+                             "(its part folders and README.md are replaced)")
     parser.add_argument("--bundle", action="store_true",
                         help="write the lowbit wheel and lowbit-course.zip (every notebook) "
                              "into OUT instead")
@@ -270,7 +301,10 @@ def main(argv: list[str] | None = None) -> None:
         for kind, path in bundle(Path(args.out)).items():
             print(f"{kind}: {path}")
         return
-    made = release(Path(args.out))
+    try:
+        made = release(Path(args.out), force=args.force)
+    except FileExistsError as error:
+        parser.exit(2, f"python -m lowbit.course: {error}\n")
     for part, folder in made.items():
         print(f"{part}: {folder / 'student' / 'lab.ipynb'} and {folder / 'autograder' / 'autograder.zip'}")
     if args.check:

@@ -496,8 +496,10 @@ def magnitude_prune(model: nn.Module, amount: float) -> nn.Module:
 def sparsity(model: nn.Module, threshold: float = 0.0) -> float:
     """Fraction of conv/linear weights with ``|w| ≤ threshold`` (exact zeros by default)."""
     ws = [m.weight.detach() for _, m in quantizable_layers(model)]
-    zeros = sum(int((w.abs() <= threshold).sum()) for w in ws)
-    return zeros / sum(w.numel() for w in ws)
+    n = sum(w.numel() for w in ws)
+    if n == 0:
+        raise ValueError("the model has no conv or linear weights to measure the sparsity of")
+    return sum(int((w.abs() <= threshold).sum()) for w in ws) / n
 
 
 def weight_quantization_mse(model: nn.Module, bits: int) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import numbers
 from typing import Callable, Iterable, Literal
 
@@ -29,7 +30,7 @@ from torch import nn
 Rounding = Literal["nearest", "stochastic"]
 
 __all__ = [
-    "check_bits", "check_values", "check_tensor", "check_extra_state", "signed_levels", "symmetric_scale", "symmetric_grid",
+    "check_bits", "check_values", "check_tensor", "check_step", "check_extra_state", "signed_levels", "symmetric_scale", "symmetric_grid",
     "DITHER_BITS", "DITHER_HALF", "SPLITMIX64", "splitmix64_word", "random_seed", "random_words", "dither_levels", "dither", "round_stochastic",
     "quantize_symmetric", "binarize", "quantize_even",
     "quantize_activations", "quantize_unsigned", "quantize_asymmetric",
@@ -275,6 +276,33 @@ def round_stochastic(y: torch.Tensor, generator: torch.Generator | None = None) 
     return torch.floor(y + dither(y, generator))
 
 
+def _check_codes_fit(w: object, qmax: int, bits: int) -> None:
+    """Raise a ValueError when ``w``'s dtype cannot hold the grid's largest code ``qmax``
+    (float16 holds codes up to 65,504: at most 16 bits)."""
+    if isinstance(w, torch.Tensor) and w.is_floating_point() and qmax > torch.finfo(w.dtype).max:
+        most = int(math.log2(torch.finfo(w.dtype).max + 1)) + 1
+        raise ValueError(f"{bits}-bit codes reach {qmax:,}, more than {w.dtype} holds "
+                         f"({torch.finfo(w.dtype).max:,.0f}); quantize w.float(), or use at "
+                         f"most {most} bits")
+
+
+def check_step(step: object, like: torch.Tensor, name: str = "step") -> torch.Tensor:
+    """A quantizer's step (a number or a tensor that broadcasts against ``like``) as a
+    tensor of ``like``'s dtype and device; a ValueError unless every step is finite and
+    positive (a step of 0 quantizes everything to 0, a negative one flips the signs)."""
+    if isinstance(step, bool):
+        raise ValueError(f"{name} must be a positive number or tensor, got {step!r}")
+    try:
+        t = torch.as_tensor(step, dtype=like.dtype, device=like.device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{name} must be a positive number or tensor, got {step!r}") from error
+    if t.numel() == 0 or not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+        shown = t.flatten()[:6].tolist() if t.numel() else "an empty tensor"
+        raise ValueError(f"{name} must be finite and positive, got {shown}"
+                         f"{' …' if t.numel() > 6 else ''}")
+    return t
+
+
 def _round(y: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
     return torch.round(y) if rounding == "nearest" else round_stochastic(y, generator)
 
@@ -292,11 +320,12 @@ def quantize_symmetric(w: torch.Tensor, bits: int, per_channel: bool = False, ax
     """
     _check_rounding(rounding)
     qmax = signed_levels(bits)
+    _check_codes_fit(w, qmax, bits)
     if delta is None:
         delta = symmetric_scale(w, bits, per_channel, axis)
     else:
         check_tensor(w, "w")
-        delta = torch.as_tensor(delta, dtype=w.dtype, device=w.device)
+        delta = check_step(delta, w, "delta")
     y = torch.div(w.detach(), delta)
     if rounding == "nearest":
         y.round_()
@@ -353,12 +382,24 @@ def binarize(w: torch.Tensor, per_channel: bool = False, axis: int = 0) -> torch
     """1-bit weights: Δ · sign(w) with Δ = mean|w| per tensor or per slice along ``axis``
     (XNOR-Net's scale; sign(0) := +1). The symmetric grid has no 1-bit form (2^1 − 1 = 1
     level), so 1-bit QAT baselines use this."""
-    check_tensor(w, "w")
-    a = w.detach().abs()
-    delta = a.mean() if not per_channel else \
-        a.movedim(axis, 0).reshape(w.shape[axis], -1).mean(1).reshape(
-            [-1 if d == axis % w.dim() else 1 for d in range(w.dim())])
+    check_values(w, "w")
+    if w.numel() == 0:
+        raise ValueError(f"w is empty (shape {tuple(w.shape)}); nothing to quantize")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"w has {int((~torch.isfinite(w)).sum())} non-finite value(s) "
+                         "(NaN or ±inf); quantization needs finite values")
+    delta = _mean_abs(w.detach().abs(), per_channel, axis)
+    if not bool(torch.isfinite(delta).all()):  # a sum of large values overflowed: in float64
+        delta = _mean_abs(w.detach().abs().double(), per_channel, axis).to(w.dtype)
     return torch.where(w.detach() >= 0, delta, -delta)
+
+
+def _mean_abs(a: torch.Tensor, per_channel: bool, axis: int) -> torch.Tensor:
+    """mean|w| of ``a`` = |w|, per tensor or per slice along ``axis`` (shaped to broadcast)."""
+    if not per_channel:
+        return a.mean()
+    return a.movedim(axis, 0).reshape(a.shape[axis], -1).mean(1).reshape(
+        [-1 if d == axis % a.dim() else 1 for d in range(a.dim())])
 
 
 def quantize_even(w: torch.Tensor, bits: int, per_channel: bool = False,
@@ -398,7 +439,10 @@ class FakeQuantSTE(torch.autograd.Function):
 def fake_quantize_ste(w: torch.Tensor, bits: int, per_channel: bool = False,
                       grid: str = "symmetric") -> torch.Tensor:
     """Q(w) in the forward pass, identity in the backward pass (STE)."""
-    return FakeQuantSTE.apply(w, bits, per_channel, grid)
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    bits = check_bits(bits, 1, 16 if grid == "even" else 32)
+    return FakeQuantSTE.apply(w, bits, bool(per_channel), grid)
 
 
 class _UnsignedSTE(torch.autograd.Function):
@@ -423,6 +467,14 @@ def check_extra_state(module: nn.Module, extra: object, keys: tuple[str, ...]) -
                          f"got {extra!r}")
 
 
+def _check_momentum(momentum: object) -> float:
+    """ActQuant's momentum, a number in (0, 1] (1: the range is the last batch's maximum)."""
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
+            or not 0 < momentum <= 1:
+        raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
+    return float(momentum)
+
+
 class ActQuant(nn.Module):
     """Unsigned b-bit activation quantizer placed after a ReLU.
 
@@ -435,15 +487,24 @@ class ActQuant(nn.Module):
     def __init__(self, bits: int, x_max: float | None = None, momentum: float = 0.1) -> None:
         super().__init__()
         self.bits = check_bits(bits, 1, 32)
-        self.momentum = momentum
+        self.momentum = _check_momentum(momentum)
         self.calibrating = False
-        self.register_buffer("x_max", torch.tensor(float("nan") if x_max is None else x_max))
+        if isinstance(x_max, torch.Tensor) and x_max.numel() == 1:
+            x_max = float(x_max)
+        if x_max is not None and (isinstance(x_max, bool) or not isinstance(x_max, numbers.Real)
+                                  or not math.isfinite(x_max) or x_max < 0):
+            raise ValueError(f"x_max must be a finite number ≥ 0 (the largest activation), "
+                             f"or None to learn it, got {x_max!r}")
+        self.register_buffer("x_max", torch.tensor(float("nan") if x_max is None else float(x_max)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch_max = x.detach().amax()
-        if not torch.isfinite(batch_max):  # NaN and +inf reach the max; -inf is clipped to 0
+        check_values(x, "ActQuant's input")
+        if x.numel() == 0:
+            raise ValueError(f"ActQuant got an empty tensor (shape {tuple(x.shape)})")
+        lo, batch_max = torch.aminmax(x.detach())
+        if not bool(torch.isfinite(lo) & torch.isfinite(batch_max)):  # NaN and ±inf reach them
             raise ValueError(f"ActQuant got {int((~torch.isfinite(x)).sum())} non-finite "
-                             "activation(s) (NaN or inf); quantization needs finite values")
+                             "activation(s) (NaN or ±inf); quantization needs finite values")
         if self.calibrating:
             self.x_max.copy_(torch.fmax(self.x_max, batch_max))
             return x
@@ -465,7 +526,7 @@ class ActQuant(nn.Module):
     def set_extra_state(self, extra: dict) -> None:
         check_extra_state(self, extra, ("bits", "momentum", "calibrating"))
         self.bits = check_bits(extra["bits"], 1, 32)
-        self.momentum, self.calibrating = float(extra["momentum"]), bool(extra["calibrating"])
+        self.momentum, self.calibrating = _check_momentum(extra["momentum"]), bool(extra["calibrating"])
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, x_max={self.x_max.item():.4g}"
@@ -686,6 +747,7 @@ def model_size_bits(model: nn.Module, default_bits: int = 32, count_zeros: bool 
     ``default_bits``. With ``count_zeros=False`` zero weights are free (an ideal
     sparse format, for pruning).
     """
+    check_bits(default_bits, 1, 64, "default_bits")
     total = 0
     seen: set[int] = set()
     for _, m in quantizable_layers(model):

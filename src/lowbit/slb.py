@@ -114,6 +114,9 @@ class _SLBWeight(nn.Module):
             if weight is None:
                 raise ValueError("init='nearest' needs the full-precision weight")
             quant.check_tensor(weight, "weight")
+            if tuple(weight.shape) != tuple(shape):
+                raise ValueError(f"init='nearest' needs the layer's weight, of shape "
+                                 f"{tuple(shape)}; got shape {tuple(weight.shape)}")
             a0 = weight.detach().abs().max().clamp(min=1e-8).cpu()
         if alpha == "learned":  # learned as log α: a scale stays positive (see the docstring)
             self.log_alpha = nn.Parameter(a0.clone().log())
@@ -135,6 +138,27 @@ class _SLBWeight(nn.Module):
         if name == "alpha" and "log_alpha" in self._parameters:
             return self._parameters["log_alpha"].exp()
         return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # ... and assigning alpha sets log_alpha = log(alpha), so the assignment is not lost
+        if name == "alpha" and "log_alpha" in self.__dict__.get("_parameters", {}):
+            a = torch.as_tensor(value, dtype=torch.float32).detach()
+            if a.numel() != 1 or not bool(torch.isfinite(a).all()) or float(a) <= 0:
+                raise ValueError(f"alpha must be one finite number > 0 (the layer learns "
+                                 f"log α), got {value!r}")
+            with torch.no_grad():
+                self._parameters["log_alpha"].copy_(a.reshape(()).log())
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature τ (finite and > 0; checked when set)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, tau: float) -> None:
+        self._temperature = check_temperature(tau)
 
     def probabilities(self) -> torch.Tensor:
         """P = softmax(A / τ) over the value axis (the first): P[i] is every weight's
@@ -269,6 +293,12 @@ class SLBConv2d(_SLBWeight):
                  alpha: str = "learned", init: str = "random",
                  weight: torch.Tensor | None = None, values: str = "even") -> None:
         super().__init__()
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
+                             f"must both be divisible by groups ({groups})")
         k = nn.modules.utils._pair(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
         self.stride, self.padding = nn.modules.utils._pair(stride), nn.modules.utils._pair(padding)

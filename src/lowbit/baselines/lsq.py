@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from ..quant import (check_bits, check_extra_state, check_tensor, layer_bits,
+from ..quant import (check_bits, check_extra_state, check_step, check_tensor, layer_bits,
                      quantizable_layers, replace_layers, _set_module)
 
 __all__ = ["LSQFunction", "lsq_quantize", "lsq_range", "initial_step", "LSQConv2d",
@@ -67,9 +67,17 @@ class LSQFunction(torch.autograd.Function):
 def lsq_quantize(v: torch.Tensor, s: torch.Tensor, bits: int, signed: bool = True,
                  n: int | None = None) -> torch.Tensor:
     """LSQ's quantizer (Eq. 1) of ``v`` with step ``s`` (a one-element tensor), its gradient
-    scale g = 1/√(n·Q_P) with ``n`` = ``v.numel()`` unless given."""
+    scale g = 1/√(n·Q_P) with ``n`` = ``v.numel()`` unless given. ``v`` must be finite and
+    ``s`` finite and positive (a ValueError names the value)."""
     qn, qp = lsq_range(bits, signed)
-    g = 1.0 / math.sqrt((v.numel() if n is None else n) * qp)
+    check_tensor(v, "v")
+    if not isinstance(s, torch.Tensor) or s.numel() != 1:
+        raise ValueError(f"s must be a one-element tensor (the learned step), got {s!r}")
+    check_step(s.detach(), v, "s (LSQ's step)")
+    n = v.numel() if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int (the number of values the step serves), got {n!r}")
+    g = 1.0 / math.sqrt(n * qp)
     return LSQFunction.apply(v, s, g, qn, qp)
 
 
