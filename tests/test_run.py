@@ -176,3 +176,111 @@ def test_one_process_trains_the_books_recipe_bit_for_bit(method, bits, grads, tm
     book = recipes.deploy(model, cfg).state_dict()
     tensors = [k for k, v in book.items() if isinstance(v, torch.Tensor)]
     assert tensors and all(torch.equal(mine[k], book[k]) for k in tensors)
+
+
+# ----------------------------------------------------------------------------- nothing lost
+@pytest.mark.parametrize("yaml_text,message", [
+    ("epochs: true\n", "epochs must be a positive integer, got True"),
+    ("batch-size: true\n", "batch_size must be a positive integer, got True"),
+    ("lr: true\n", "lr must be a finite number ≥ 0, got True"),
+    ("progress: 'no'\n", "progress must be true or false, got 'no'"),
+    ("seed: true\n", "seed must be a non-negative integer, got True"),
+    ("out: null\n", "out must be a non-empty string, got None"),
+    ("out: 5\n", "out must be a non-empty string, got 5"),
+    ("weight-decay: 0.1\nweight_decay: 0.2\n", "gives weight_decay twice"),
+    ("method: fp\nweight-bits: 40\n", "method fp trains at full precision: it takes no weight_bits"),
+    ("epochs: [3\n", "line 2, column 1"),
+    ("epochs: !!python/object/apply:os.system ['true']\n", "no tags"),
+])
+def test_yaml_values_are_checked_by_type_and_meaning(yaml_text, message, tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text(yaml_text)
+    with pytest.raises(SystemExit) as e:
+        run.config_from_args(["--config", str(tmp_path / "run.yaml")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def _fp(out, *extra):
+    return ["--method", "fp", *QUICK, "--epochs", "1", "--out", str(out), *extra]
+
+
+def test_a_checkpoint_that_fails_its_checksum_is_refused_not_discarded(tmp_path, data_home, capsys):
+    out = tmp_path / "out"
+    run.main(_fp(out))
+    blob = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(blob[:-10])             # truncated
+    with pytest.raises(SystemExit):
+        run.main(_fp(out))
+    err = capsys.readouterr().err
+    assert "fails its checksum" in err and "--restart" in err and str(out / "checkpoint.pt") in err
+    assert (out / "checkpoint.pt").read_bytes() == blob[:-10]    # kept as it was
+    assert run.main(_fp(out, "--restart"))["epochs"] == 1        # --restart starts over
+
+
+@pytest.mark.parametrize("epoch", [99, -2, 0])
+def test_a_checkpoint_whose_epoch_contradicts_the_run_is_refused(epoch, tmp_path, data_home, capsys):
+    import io
+    from lowbit.cache import read_entry, write_entry
+    out = tmp_path / "out"
+    run.main(_fp(out))
+    state = torch.load(io.BytesIO(read_entry(out / "checkpoint.pt")), weights_only=True)
+    state["epoch"] = epoch
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_entry(out / "checkpoint.pt", buf.getvalue())
+    with pytest.raises(SystemExit):
+        run.main(_fp(out))
+    assert f"it says epoch {epoch} of phase 0, but the run has 1 epochs" in capsys.readouterr().err
+
+
+def test_two_runs_into_one_out_keep_the_first(tmp_path, data_home, capsys):
+    out = tmp_path / "out"
+    run.main(_fp(out))
+    model = (out / "model.pt").read_bytes()
+    with pytest.raises(SystemExit):
+        run.main(_fp(out, "--seed", "1"))
+    err = capsys.readouterr().err
+    assert f"{out} holds a run with other settings (seed: 0 there, 1 now)" in err and "--restart" in err
+    assert (out / "model.pt").read_bytes() == model
+
+
+def test_an_out_that_is_a_file_or_cannot_be_written_is_named_before_training(tmp_path, data_home, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        run.main(_fp(tmp_path / "file"))
+    assert "is a file; give a folder" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        with pytest.raises(SystemExit):
+            run.main(_fp(ro))
+        assert "cannot be written" in capsys.readouterr().err
+
+
+def test_a_write_that_fails_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, data_home, capsys, monkeypatch):
+    out = tmp_path / "out"
+    run.main(_fp(out))
+    good = (out / "checkpoint.pt").read_bytes()
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith("checkpoint.pt"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(SystemExit):
+        run.main(["--method", "fp", *QUICK, "--epochs", "1", "--seed", "3", "--out", str(out), "--restart"])
+    err = capsys.readouterr().err
+    assert "could not write" in err and "No space left on device" in err
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_killed_writers_temporary_file_is_removed_at_the_next_start(tmp_path, data_home):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (out / f".checkpoint.pt.{dead}.0a1b2c3d.tmp").write_bytes(b"half a checkpoint")
+    run.main(_fp(out))
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []

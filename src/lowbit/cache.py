@@ -48,9 +48,11 @@ def data_dir() -> Path:
     return d
 
 
-def write_entry(path: Path, payload: bytes) -> bool:
+def write_entry(path: Path, payload: bytes, strict: bool = False) -> bool:
     """Write ``payload`` with its checksum to ``path`` atomically. Returns False, with a
-    warning, when the file cannot be written (nothing else is lost, no file is left)."""
+    warning, when the file cannot be written (nothing else is lost, no file is left);
+    ``strict=True`` raises an OSError naming the file instead (the file that was there
+    before is kept whole)."""
     path = Path(path)
     digest = hashlib.sha256(payload).hexdigest().encode()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -64,6 +66,9 @@ def write_entry(path: Path, payload: bytes) -> bool:
         os.replace(tmp, path)
         return True
     except OSError as e:
+        if strict:
+            raise OSError(f"could not write {path} ({type(e).__name__}: {e}); "
+                          f"the file that was there before is kept") from e
         warnings.warn(f"could not write the cache entry {path} ({type(e).__name__}: {e}); "
                       "the result is returned but not cached")
         return False
@@ -74,21 +79,27 @@ def write_entry(path: Path, payload: bytes) -> bool:
             pass
 
 
-def read_entry(path: Path) -> bytes | None:
+def read_entry(path: Path, strict: bool = False) -> bytes | None:
     """The payload of the entry at ``path``: None when there is none; a warning and None
-    when it fails its checksum (a truncated or edited file), so that it is made again."""
+    when it cannot be read or fails its checksum (a truncated or edited file), so that it
+    is made again. ``strict=True`` raises a ValueError naming the file instead (for what
+    cannot be made again for free: a run's checkpoint)."""
     path = Path(path)
     try:
         blob = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as e:
+        if strict:
+            raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e})") from e
         warnings.warn(f"cache entry {path} cannot be read ({type(e).__name__}: {e}); "
                       "making it again")
         return None
     head, sep, payload = blob.partition(b"\n")
     if not (sep and head.startswith(_MAGIC)
             and hashlib.sha256(payload).hexdigest().encode() == head[len(_MAGIC):]):
+        if strict:
+            raise ValueError(f"{path} fails its checksum (a truncated or edited file)")
         warnings.warn(f"cache entry {path} fails its checksum; making it again")
         return None
     return payload

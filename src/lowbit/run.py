@@ -91,6 +91,7 @@ class RunConfig:
     device: str = "auto"
     sync_bn: bool = False
     progress: bool = True
+    restart: bool = False
 
     def lowbit(self) -> recipes.LowBitConfig:
         """The Part IV configuration (it checks the method, bits and epochs)."""
@@ -99,21 +100,38 @@ class RunConfig:
                                     self.epochs, self.start_epochs)
 
     def check(self) -> "RunConfig":
-        """Every setting checked, each error naming the value and what is allowed."""
+        """Every setting checked by type (a boolean is not a number), range and meaning,
+        each error naming the setting, the value and what is allowed."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "start_epochs", "grad_bits"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "start_epochs"):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'start_epochs' else 'positive'} "
+                                 f"integer, got {value!r}")
         for name in ("lr", "momentum", "weight_decay"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("data", "model", "out"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if self.data_dir is not None and (not isinstance(self.data_dir, str) or not self.data_dir):
+            raise ValueError(f"data_dir must be a folder's path, got {self.data_dir!r}")
+        for name in ("sync_bn", "progress", "restart"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.method == "fp" and (self.weight_bits not in (None, RunConfig.weight_bits)
+                                    or self.act_bits is not None):
+            raise ValueError("method fp trains at full precision: it takes no weight_bits or "
+                             f"act_bits (got {self.weight_bits!r} and {self.act_bits!r}); "
+                             "choose sgd, ste, psgd or slb for low-bit weights")
         self.lowbit()
         return self
 
@@ -340,28 +358,94 @@ def _write_csv(path: Path, history: History) -> None:
     rows = {**{k: v for k, v in d.items() if k != "extra"}, **d["extra"]}
     names = [k for k, v in rows.items() if v]
     n = max(len(rows[k]) for k in names)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["epoch"] + names)
-        for i in range(n):
-            w.writerow([i + 1] + [rows[k][i] if i < len(rows[k]) else "" for k in names])
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epoch"] + names)
+            for i in range(n):
+                w.writerow([i + 1] + [rows[k][i] if i < len(rows[k]) else "" for k in names])
+        tmp.replace(path)
+    except OSError as e:
+        raise OSError(f"could not write {path} ({type(e).__name__}: {e}); the checkpoint "
+                      "of this epoch was written") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _load_checkpoint(path: Path, cfg: RunConfig) -> dict | None:
-    payload = read_entry(path)
-    if payload is None:
-        return None
-    state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
-    saved = state.get("config", {})
+#: The settings that do not change what a run computes (a checkpoint of other ones resumes).
+_NOT_COMPARED = ("out", "progress", "device", "restart")
+
+
+def _load_checkpoint(path: Path, cfg: RunConfig, lb: recipes.LowBitConfig) -> dict | None:
+    """The checkpoint at ``path`` (None when there is none). One that fails its checksum,
+    was written by a run of other settings or contradicts them is refused, never discarded:
+    the error names the file, what is wrong, and ``--restart``."""
+    restart = "pass --restart to discard it and start again, or give another --out"
+    try:
+        payload = read_entry(path, strict=True)
+        if payload is None:
+            return None
+        state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    except Exception as e:  # a checksum, an unpickling or a format error
+        raise ValueError(f"cannot resume from {path}: {e}; it was kept as it is: {restart}") from None
+    if not isinstance(state, dict) or not {"config", "epoch", "phase_index", "history",
+                                           "phase", "rng"} <= set(state):
+        raise ValueError(f"cannot resume from {path}: it is not a lowbit run's checkpoint; {restart}")
+    saved = state["config"] if isinstance(state["config"], dict) else {}
     differ = {k: (saved.get(k), v) for k, v in asdict(cfg).items()
-              if k not in ("out", "progress", "device") and saved.get(k) != v}
+              if k not in _NOT_COMPARED and saved.get(k) != v}
     if differ:
-        raise ValueError(f"{path} was written by a run with other settings "
-                         f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
-                         "give another --out, or delete it to start again")
+        raise ValueError(f"{path.parent} holds a run with other settings "
+                         f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}): "
+                         f"run with its settings to resume it, give another --out, or pass "
+                         f"--restart to discard it")
+    epoch, index, phases = state["epoch"], state["phase_index"], _phases(lb)
+    starts = np.cumsum([0] + [e for _, e in phases])
+    if (isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= lb.epochs
+            or isinstance(index, bool) or not isinstance(index, int)
+            or not 0 <= index < len(phases) or not starts[index] < epoch <= starts[index + 1]):
+        raise ValueError(f"cannot resume from {path}: it says epoch {epoch!r} of phase "
+                         f"{index!r}, but the run has {lb.epochs} epochs in {len(phases)} "
+                         f"phase(s); {restart}")
     return state
+
+
+def _prepare_out(out: Path, restart: bool) -> None:
+    """Make the output folder and check it can be written before any training; remove the
+    temporary files of runs that were killed while writing (their process is gone);
+    with ``restart``, remove the run that was there (checkpoint, metrics, model)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written ({type(e).__name__}: {e}); "
+                         "give a folder you can write to") from None
+    for tmp in out.glob(".*.tmp"):
+        parts = tmp.name.split(".")
+        pid = next((int(p) for p in parts if p.isdigit()), None)
+        if pid is None or not _alive(pid):
+            tmp.unlink(missing_ok=True)
+    if restart:
+        for name in (CHECKPOINT, "metrics.csv", "model.pt"):
+            (out / name).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (on this machine)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, under another user
+        return True
+    return True
 
 
 def train(cfg: RunConfig) -> dict:
@@ -381,7 +465,7 @@ def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) 
     out = Path(cfg.out)
     lead = where.rank == 0
     if lead:
-        out.mkdir(parents=True, exist_ok=True)
+        _prepare_out(out, cfg.restart)
     n = _Data.size(data.train)
     if cfg.sync_bn and where.device.type != "cuda":
         raise ValueError("--sync-bn needs GPUs (SyncBatchNorm runs on CUDA, with NCCL); on CPUs "
@@ -392,7 +476,7 @@ def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) 
     steps = len(batches)
     phases = _phases(lb)
     starts = np.cumsum([0] + [e for _, e in phases])  # first epoch of each phase
-    state = _load_checkpoint(out / CHECKPOINT, cfg)
+    state = _load_checkpoint(out / CHECKPOINT, cfg, lb)
     history, epoch, index = History(), 0, 0
     if state is not None:  # the phase it was written in; the loop moves on from there
         history, epoch = History.from_dict(state["history"]), int(state["epoch"])
@@ -455,7 +539,8 @@ def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) 
             torch.save({"config": asdict(cfg), "epoch": epoch, "phase_index": index,
                         "history": history.to_dict(), "phase": phase.state(),
                         "rng": _rng_state()}, payload)
-            write_entry(out / CHECKPOINT, payload.getvalue())
+            # a write that fails stops the run here; the last good checkpoint is kept
+            write_entry(out / CHECKPOINT, payload.getvalue(), strict=True)
             _write_csv(out / "metrics.csv", history)
     bar.close()
     deployed = recipes.deploy(phase.model, lb)
@@ -465,8 +550,15 @@ def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) 
               "deployed_acc": deployed_acc, "seconds": time.perf_counter() - clock}
     if lead:
         tmp = out / f".model.pt.{os.getpid()}.tmp"  # a plain torch file, written atomically
-        torch.save(deployed.state_dict(), tmp)
-        tmp.replace(out / "model.pt")
+        try:
+            torch.save(deployed.state_dict(), tmp)
+            tmp.replace(out / "model.pt")
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+            raise OSError(f"could not write {out / 'model.pt'} ({type(e).__name__}: {e}); the "
+                          f"trained run is in {out / CHECKPOINT}: free some space and run the "
+                          "same command again to write it") from None
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"result: {cfg.method} {lb.name}, {lb.epochs} epochs on {where.world} "
               f"process{'es' if where.world > 1 else ''}: low-bit test accuracy "
               f"{deployed_acc:.2f}% (trained model {history.test_acc[-1]:.2f}%); "
@@ -481,12 +573,25 @@ def load_config(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-    raw = yaml.safe_load(p.read_text()) or {}
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:  # one line, with the place: a syntax error or a python/ tag
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"config file {str(p)!r}: {where}{problem} (settings are plain "
+                         "YAML keys and values, no tags)") from None
     if not isinstance(raw, dict):
         raise ValueError(f"config file {str(p)!r} must hold a mapping of settings, "
                          f"got {type(raw).__name__}")
     known = {f.name for f in fields(RunConfig)}
-    settings = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    settings = {}
+    for k, v in raw.items():
+        name = str(k).replace("-", "_")
+        if name in settings:
+            raise ValueError(f"config file {str(p)!r} gives {name} twice (as "
+                             f"{name.replace('_', '-')} and {name}); keep one")
+        settings[name] = v
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"config file {str(p)!r}: unknown setting(s) {unknown}; "
@@ -530,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SyncBatchNorm across processes (GPUs)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
+    p.add_argument("--restart", action="store_true", default=None,
+                   help="discard the run in --out (checkpoint, metrics, model) and start again")
     return p
 
 
@@ -551,7 +658,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_from_args(argv)
     try:
         return train(cfg)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:
         # bad input found once the data or model is loaded: one line, not a traceback
         print(f"lowbit: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
