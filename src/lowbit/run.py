@@ -33,6 +33,11 @@ optimizer, the learning-rate schedule, SLB's temperature clock, the random state
 and the epoch. Each epoch's data order is a function of the seed and the epoch, so a run
 killed at any point and started again with the same command ends bit-identical to one that
 was never interrupted (on the same machine and thread count).
+
+Nothing is lost: a checkpoint is never discarded (one that fails its checksum, was written
+by a run of other settings or contradicts them is refused, naming the file; ``--restart``
+starts over), a write that fails stops the run at once and keeps the last good checkpoint,
+and every setting is checked by type and meaning where it enters.
 """
 from __future__ import annotations
 
