@@ -238,3 +238,36 @@ def test_fashion_mismatched_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"test files .* do not match"):
         data.load_fashion_mnist(tmp_path / "fm")
     data._fashion_raw.cache_clear()
+
+
+# ----------------------------------------------------------------------------- edge cases
+def test_a_cifar_batch_of_floats_is_refused_not_cast(tmp_path):
+    import pickle
+    from conftest import write_fake_cifar
+    write_fake_cifar(tmp_path / "c")
+    batch = {b"data": np.full((20, 3072), 1e6), b"labels": [0] * 20}
+    (tmp_path / "c" / "data_batch_2").write_bytes(pickle.dumps(batch))
+    with pytest.raises(ValueError, match=r"data_batch_2: CIFAR-10 data are bytes \(uint8, 0..255\); got float64 values from 1000000.0 to 1000000.0"):
+        data.load_cifar10(tmp_path / "c")
+
+
+@pytest.mark.parametrize("batch_size", [2.5, True, 0])
+def test_array_loader_batch_size_must_be_an_int(batch_size):
+    with pytest.raises(ValueError, match=f"batch_size must be an int ≥ 1, got {batch_size!r}"):
+        data.ArrayLoader(np.zeros((4, 2)), np.zeros(4), batch_size)
+
+
+def test_prepared_data_whose_arrays_disagree_are_prepared_again(data_home):
+    import io
+    from lowbit.cache import read_entry, write_entry
+    good = data.load_arrays("digits", 0)
+    path = data_home / "digits-seed0.npz"
+    with np.load(io.BytesIO(read_entry(path))) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["y_train"] = arrays["y_train"][:5]              # 5 labels for all the inputs
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_entry(path, buf.getvalue())                     # a valid checksum over bad arrays
+    with pytest.warns(UserWarning, match="is not usable"):
+        again = data.load_arrays("digits", 0)
+    assert np.array_equal(again.x_train, good.x_train) and np.array_equal(again.y_train, good.y_train)

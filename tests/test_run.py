@@ -284,3 +284,31 @@ def test_a_killed_writers_temporary_file_is_removed_at_the_next_start(tmp_path, 
     (out / f".checkpoint.pt.{dead}.0a1b2c3d.tmp").write_bytes(b"half a checkpoint")
     run.main(_fp(out))
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_data_and_models_that_do_not_fit_are_named(tmp_path, data_home, capsys):
+    (tmp_path / "userdata.py").write_text(
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "def empty(train=True):\n"
+        "    return TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))\n"
+        "def labels_12(train=True):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.arange(64) % 12)\n"
+        "def nan_image(train=True):\n"
+        "    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))\n"
+        "    x[3, 0, 0, 0] = float('nan')\n"
+        "    return TensorDataset(x, torch.arange(64) % 10)\n")
+    import sys as _sys
+    _sys.path.insert(0, str(tmp_path))
+    try:
+        for data, message in (("userdata:empty", "returned an empty train set"),
+                              ("userdata:labels_12", "it gives 10 outputs per example"),
+                              ("userdata:nan_image", "non-finite input value(s) (NaN or inf): check the data")):
+            with pytest.raises(SystemExit):
+                run.main(["--method", "fp", "--data", data, "--model", "mlp", "--epochs", "1",
+                          "--no-progress", "--out", str(tmp_path / data.split(":")[1])])
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, err
+    finally:
+        _sys.path.remove(str(tmp_path))

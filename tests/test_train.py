@@ -54,6 +54,17 @@ def test_load_or_train_caches_and_verifies(data_home):
     assert len(calls) == 2
     cache.load_or_train({"name": "t", "lr": 0.1}, build, fit_it)  # new config, new entry
     assert len(calls) == 3
+    # a valid checksum over NaN weights (an edited entry) is not served: trained again
+    import io
+    blob = torch.load(io.BytesIO(cache.read_entry(path)), weights_only=True)
+    next(v for v in blob["state_dict"].values() if v.is_floating_point()).fill_(float("nan"))
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    cache.write_entry(path, buf.getvalue())
+    with pytest.warns(UserWarning, match="does not load.*non-finite values"):
+        c, _ = cache.load_or_train(cfg, build, fit_it)
+    assert len(calls) == 4 and all(torch.isfinite(v).all() for v in c.state_dict().values()
+                                   if v.is_floating_point())
 
 
 def _train_once_slowly(args):
@@ -277,3 +288,17 @@ def test_bench_worker_measures_in_a_process_of_its_own():
     figures = bench._worker("fake_quant")
     assert list(figures) == ["fake_quant_per_tensor_vs_clone"]
     assert 0 < figures["fake_quant_per_tensor_vs_clone"] < 100
+
+
+def test_a_nan_image_is_named_as_data_not_as_divergence():
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x[5, 0, 2, 2] = float("nan")
+    loader = data.ArrayLoader(x, torch.arange(64) % 10, 32)
+    net = models.build_model("mlp", (1, 8, 8))
+    with pytest.raises(ValueError, match=r"holds 1 non-finite input value\(s\) \(NaN or inf\): check the data"):
+        train.fit(net, loader, 1, torch.optim.SGD(net.parameters(), lr=0.1), progress=False)
+
+
+def test_labels_the_model_cannot_give_are_named():
+    with pytest.raises(ValueError, match=r"it gives 10 outputs per example .* go from 0 to 11; a label must be 0..9"):
+        train.loss_and_correct(torch.randn(12, 10), torch.arange(12))

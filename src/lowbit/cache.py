@@ -181,6 +181,10 @@ def load_or_train(config: dict, build: Callable[[], nn.Module],
         if payload is not None:
             try:
                 blob = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+                bad = [k for k, v in blob["state_dict"].items() if isinstance(v, torch.Tensor)
+                       and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+                if bad:  # training never saves one: an edited or a foreign entry
+                    raise ValueError(f"non-finite values in {', '.join(bad[:3])}")
                 model.load_state_dict(blob["state_dict"])
                 return model.to(get_device()), History.from_dict(blob["history"])
             except Exception as e:  # a blob from other code: train again

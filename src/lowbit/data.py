@@ -20,6 +20,7 @@ import gzip
 import os
 import io
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -182,15 +183,36 @@ def load_arrays(name: str = "mnist", seed: int = 0, standardize: bool = True) ->
         return _uncached_split(name, seed, standardize)
     path = data_dir() / f"{name}-seed{seed}.npz"
     payload = read_entry(path)
+    arrays = None
     if payload is not None:
-        with np.load(io.BytesIO(payload), allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    else:
+        try:
+            with np.load(io.BytesIO(payload), allow_pickle=False) as f:
+                arrays = _checked_arrays({k: f[k] for k in f.files})
+        except Exception as e:  # an edited or a foreign entry: prepared again
+            warnings.warn(f"prepared data {path} is not usable ({type(e).__name__}: {e}); "
+                          "preparing it again")
+            arrays = None
+    if arrays is None:
         arrays = DATASETS[name](seed)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         write_entry(path, buf.getvalue())
     return _split(arrays, standardize)
+
+
+def _checked_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The four arrays of a prepared data set, or a ValueError: inputs and labels of equal
+    length, finite inputs, integer labels."""
+    keys = {"x_train", "y_train", "x_test", "y_test"}
+    if set(arrays) != keys:
+        raise ValueError(f"expected the arrays {sorted(keys)}, got {sorted(arrays)}")
+    for part in ("train", "test"):
+        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"{len(x)} {part} inputs and {len(y)} labels")
+        if not np.issubdtype(y.dtype, np.integer) or not np.isfinite(x).all():
+            raise ValueError(f"{part} labels of dtype {y.dtype} or non-finite inputs")
+    return arrays
 
 
 def _split(arrays: dict[str, np.ndarray], standardize: bool) -> Split:
@@ -221,8 +243,10 @@ class ArrayLoader:
         self.x, self.y = torch.as_tensor(x), torch.as_tensor(y)
         if len(self.x) != len(self.y):
             raise ValueError(f"x and y differ in length: {len(self.x)} vs {len(self.y)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int ≥ 1, got {batch_size!r}")
+        if len(self.x) == 0:
+            raise ValueError("x and y are empty: there is nothing to load")
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -297,11 +321,18 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             d = _CifarUnpickler(f, encoding="bytes").load()
-        data = np.asarray(d[b"data"], dtype=np.uint8)
+        raw = np.asarray(d[b"data"])
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:  # truncated, not a pickle, wrong keys, a refused global ...
         raise ValueError(f"{path} is not a readable CIFAR-10 batch (a pickled dict with "
                          f"b'data' and b'labels'): {type(e).__name__}: {e}") from e
+    if raw.dtype != np.uint8:  # CIFAR-10 holds bytes; anything else is not cast silently
+        ok = np.issubdtype(raw.dtype, np.integer) and (raw.size == 0 or (raw.min() >= 0 and raw.max() <= 255))
+        if not ok:
+            lo, hi = (raw.min(), raw.max()) if raw.size and np.issubdtype(raw.dtype, np.number) else ("?", "?")
+            raise ValueError(f"{path}: CIFAR-10 data are bytes (uint8, 0..255); got {raw.dtype} "
+                             f"values from {lo} to {hi}")
+    data = raw.astype(np.uint8)
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise ValueError(f"{path}: expected data of shape (N, 3072) and N labels, got "
                          f"{data.shape} and {len(labels)} labels")

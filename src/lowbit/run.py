@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_, fqt, models, quant, recipes, slb
 from .cache import read_entry, write_entry
-from .train import History, seed_everything
+from .train import History, cross_entropy, diverged, seed_everything
 
 __all__ = ["RunConfig", "METHODS", "load_data", "load_config", "build_parser",
            "config_from_args", "train", "main", "console"]
@@ -200,6 +200,9 @@ def load_data(cfg: RunConfig) -> _Data:
             raise TypeError(f"data {cfg.data!r} returned {type(ds).__name__} for the {name} "
                             "set, not a torch.utils.data.Dataset")
     sets = [ds.tensors if isinstance(ds, torch.utils.data.TensorDataset) else ds for ds in sets]
+    for name, ds in zip(("train", "test"), sets):
+        if _Data.size(ds) == 0:
+            raise ValueError(f"data {cfg.data!r} returned an empty {name} set")
     first = _Data.fetch(sets[0], torch.tensor([0]))[0]
     return _Data(sets[0], sets[1], tuple(first.shape[1:]))
 
@@ -509,14 +512,13 @@ def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) 
             x, y = (t.to(where.device) for t in _Data.fetch(data.train, mine))
             logits = phase.ddp(x)
             if where.world == 1:  # the mean, as lowbit.train.fit takes it: the book's run exactly
-                loss = F.cross_entropy(logits, y)
+                loss = cross_entropy(logits, y)
                 scaled, loss_total = loss, loss.item() * len(y)
             else:  # this share's sum, scaled so that DDP's average is the global batch's mean
-                loss = F.cross_entropy(logits, y, reduction="sum")
+                loss = cross_entropy(logits, y, reduction="sum")
                 scaled, loss_total = loss * (where.world / len(idx)), loss.item()
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training diverged at epoch {epoch + 1}: the loss is "
-                                         f"{loss.item()}; lower the learning rate")
+                raise diverged(epoch + 1, i, loss, x)
             phase.optimizer.zero_grad(set_to_none=True)
             scaled.backward()
             phase.optimizer.step()
@@ -663,7 +665,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_from_args(argv)
     try:
         return train(cfg)
-    except (ValueError, OSError, TypeError) as e:
+    except (ValueError, OSError, TypeError, FloatingPointError) as e:
         # bad input found once the data or model is loaded: one line, not a traceback
         print(f"lowbit: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

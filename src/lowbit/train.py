@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 
 __all__ = ["seed_everything", "get_device", "History", "evaluate", "fit", "loss_and_correct",
-           "progress_bar"]
+           "cross_entropy", "diverged", "progress_bar"]
 
 
 def _bars_off() -> bool:
@@ -75,7 +75,32 @@ def loss_and_correct(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, 
     count every position."""
     if out.dim() == 3:
         out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
-    return F.cross_entropy(out, y), int((out.argmax(1) == y).sum())
+    return cross_entropy(out, y), int((out.argmax(1) == y).sum())
+
+
+def cross_entropy(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy``, with an error that names the model's outputs and the labels when
+    they do not fit (a label outside 0..C−1, or a batch of another size)."""
+    try:
+        return F.cross_entropy(out, y, reduction=reduction)
+    except (IndexError, RuntimeError, ValueError) as e:
+        c = out.shape[-1] if out.dim() else 0
+        labels = f"from {int(y.min())} to {int(y.max())}" if y.numel() else "none"
+        raise ValueError(f"the model's outputs do not fit the labels: it gives {c} outputs per "
+                         f"example (shape {tuple(out.shape)}), the labels (shape "
+                         f"{tuple(y.shape)}) go {labels}; a label must be 0..{c - 1}, one per "
+                         f"example ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def diverged(epoch: int, step: int, loss: torch.Tensor, x: torch.Tensor) -> Exception:
+    """The error for a non-finite loss: bad input data (named) or a diverged run."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        return ValueError(f"the training batch at epoch {epoch}, step {step} holds "
+                          f"{int((~torch.isfinite(x)).sum())} non-finite input value(s) "
+                          "(NaN or inf): check the data")
+    return FloatingPointError(
+        f"training diverged at epoch {epoch}, step {step}: loss is {loss.item()}; "
+        "lower the learning rate (or the scale λ_s)")
 
 
 @torch.no_grad()
@@ -135,9 +160,7 @@ def fit(model: nn.Module, train_loader: Iterable, epochs: int,
             x, y = x.to(device), y.to(device)
             loss, batch_correct = loss_and_correct(model(x), y)
             if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training diverged at epoch {epoch}, step {step}: loss is {loss.item()}; "
-                    "lower the learning rate (or the scale λ_s)")
+                raise diverged(epoch, step, loss, x)
             optimizer.zero_grad(set_to_none=True)
             (loss + penalty(model) if penalty is not None else loss).backward()
             optimizer.step()
