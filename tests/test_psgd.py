@@ -339,3 +339,28 @@ def test_compiled_path_follows_a_parameter_whose_memory_changes():
     psgd.PSGD([t], lr=0.1, bits=3, lambda_s=10.0).step()
     assert torch.equal(t.detach(), before.add(psgd.position_scale(
         before, psgd.position_target(before, 3), 10.0), alpha=-0.1))
+
+
+@pytest.mark.parametrize("scaled_group", [dict(), dict(normalized=True, eps=1e-3)],
+                         ids=["compiled path", "torch path"])
+def test_a_non_finite_weight_in_an_unscaled_group_is_refused_before_any_update(scaled_group):
+    a = nn.Parameter(torch.tensor([1.0, float("nan")]))
+    b = nn.Parameter(torch.tensor([0.5, 0.2]))
+    opt = psgd.PSGD([{"params": [a], "scaled": False}, {"params": [b], **scaled_group}],
+                    lr=0.1, momentum=0.9, bits=4)
+    a.grad, b.grad = torch.tensor([0.1, 0.1]), torch.tensor([0.1, 0.1])
+    with pytest.raises(ValueError, match=r"non-finite weights in parameter\(s\) with shapes \[\(2,\)\]; no parameter was updated"):
+        opt.step()
+    assert torch.equal(b.detach(), torch.tensor([0.5, 0.2])) and not opt.state[a] and not opt.state[b]
+
+
+@pytest.mark.parametrize("scaled_group", [dict(), dict(normalized=True, eps=1e-3)],
+                         ids=["compiled path", "torch path"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_step_that_would_overflow_is_refused_before_any_update(scaled_group, momentum):
+    c = nn.Parameter(torch.tensor([3e38, 1.0]))
+    opt = psgd.PSGD([{"params": [c], **scaled_group}], lr=10.0, momentum=momentum, bits=None)
+    c.grad = torch.tensor([-3e38, 0.1])
+    with pytest.raises(FloatingPointError, match=r"would make non-finite weights .*no parameter was updated"):
+        opt.step()
+    assert torch.equal(c.detach(), torch.tensor([3e38, 1.0])) and not opt.state[c]

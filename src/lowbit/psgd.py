@@ -269,6 +269,9 @@ class PSGD(torch.optim.Optimizer):
         # [group, parameters, gradients] for every group with a gradient
         todo = [[g, ps, [p.grad for p in ps]] for g in self.param_groups
                 if (ps := [p for p in g["params"] if p.grad is not None])]
+        plain = [p for g, ps, _ in todo if not g["scaled"] for p in ps]  # (scaled: by their grid)
+        if plain:
+            _check_peaks(plain, max_abs(plain).tolist())
         # Groups that agree on a setting are computed together, one multi-tensor call per
         # setting (param_groups gives the first and last layers groups of their own)
         together: dict[tuple, list] = {}
@@ -295,6 +298,11 @@ class PSGD(torch.optim.Optimizer):
             updates.setdefault(tuple(item[0][k] for k in _SGD_SETTINGS), []).append(item)
         for key, items in updates.items():
             ps = [p for _, group_ps, _ in items for p in group_ps]
+            _check_no_overflow(ps, [gr for *_, grads in items for gr in grads],
+                               [self.state[p].get("momentum_buffer") for p in ps],
+                               dict(zip(_SGD_SETTINGS, key)))
+        for key, items in updates.items():
+            ps = [p for _, group_ps, _ in items for p in group_ps]
             bufs = [self.state[p].get("momentum_buffer") for p in ps]
             # (foreach=None: torch.optim.SGD's own choice, multi-tensor on GPUs)
             sgd(ps, [gr for *_, grads in items for gr in grads], bufs, foreach=None,
@@ -303,6 +311,34 @@ class PSGD(torch.optim.Optimizer):
                 for p, buf in zip(ps, bufs):
                     self.state[p]["momentum_buffer"] = buf
         return loss
+
+
+def _check_no_overflow(ps: list[torch.Tensor], grads: list[torch.Tensor],
+                       bufs: list[torch.Tensor | None], settings: dict) -> None:
+    """Raise a FloatingPointError, before anything is written, if SGD's update of ``ps`` by
+    the (scaled) ``grads`` would make a weight or a momentum value non-finite (a finite
+    gradient of 3e38 times a learning rate of 10, say). A bound from the largest magnitudes
+    decides; only where it exceeds half the largest float is the step tried on copies."""
+    lr, m, decay = settings["lr"], settings["momentum"], settings["weight_decay"]
+    w, g = max_abs(ps).double(), max_abs(grads).double()
+    b = torch.stack([max_abs([x]).double()[0] if x is not None else torch.zeros((), dtype=torch.float64,
+                     device=w.device) for x in bufs])
+    d = g + decay * w
+    u = (m * b + max(1.0 - settings["dampening"], 1.0) * d) if m else d
+    if m and settings["nesterov"]:
+        u = d + m * u
+    big = torch.tensor([0.5 * torch.finfo(p.dtype).max for p in ps], dtype=torch.float64, device=w.device)
+    if bool(((w + lr * u) <= big).all()):
+        return
+    trial_ps = [p.detach().clone() for p in ps]
+    trial_bufs = [None if x is None else x.clone() for x in bufs]
+    sgd(trial_ps, grads, trial_bufs, foreach=None, maximize=False, **settings)
+    bad = [tuple(p.shape) for p, t, x in zip(ps, trial_ps, trial_bufs)
+           if not bool(torch.isfinite(t).all()) or (x is not None and not bool(torch.isfinite(x).all()))]
+    if bad:
+        raise FloatingPointError(f"this step would make non-finite weights in parameter(s) with "
+                                 f"shapes {bad} (the update overflows); lower the learning rate "
+                                 "(or the scale λ_s); no parameter was updated")
 
 
 def _check_peaks(ps: list[torch.Tensor], peaks: list[float]) -> None:
@@ -322,25 +358,45 @@ def step_loop(addresses, sizes, settings, flags, real, word):
     (nesterov, first step). ``qmax`` > 0 scales towards the grid of step Δ = max|w| / qmax,
     0 towards 0 (pruning), and −1 not at all (plain SGD).
 
-    Nothing is written unless every gradient, and every weight that sets a grid, is finite;
-    then it returns 0, else 1. SGD's update is torch's own arithmetic: each of its
+    Nothing is written unless every gradient and every weight is finite; then it returns 0,
+    else 1. SGD's update is torch's own arithmetic: each of its
     ``x.add(y, alpha=a)`` is one fused multiply-add, as ATen computes it on a CPU with FMA
     (checked against torch.optim.SGD before its first use). Compiled with numba."""
     n = sizes.size
     deltas = np.ones(n, real.dtype)
     emask, sign = word[0], word[1]  # a float's exponent bits; all bits but the sign
+    gmax = np.zeros(n)
     for k in range(n):  # max|g| and max|w| from the bits: a NaN's are the largest
-        g = numba.carray(_address(addresses[k, 1]), sizes[k], word.dtype)
-        if _max_bits(g, sign) >= emask:
+        top = _max_bits(numba.carray(_address(addresses[k, 1]), sizes[k], word.dtype), sign)
+        if top >= emask:
             return 1
-    for k in range(n):
-        qmax = settings[k, 0]
+        gmax[k] = np.full(1, top, word.dtype).view(real.dtype)[0]
+    for k in range(n):  # every weight finite (an unscaled one's NaN would reach its momentum)
+        qmax, lambda_s, eps, decay, momentum, undamped, lr = settings[k]
+        top = _max_bits(numba.carray(_address(addresses[k, 0]), sizes[k], word.dtype), sign)
+        if top >= emask:
+            return 1
+        peak = np.full(1, top, word.dtype).view(real.dtype)[0]
         if qmax > 0:
-            top = _max_bits(numba.carray(_address(addresses[k, 0]), sizes[k], word.dtype), sign)
-            if top >= emask:
-                return 1
-            peak = np.full(1, top, word.dtype).view(real.dtype)[0]
             deltas[k] = peak / qmax if peak > 0 else qmax / qmax  # Δ (1 if every w is 0)
+        # a bound on |w − lr·update| (in float64): past half the largest float, the step
+        # might overflow, and the caller's torch path checks it exactly before writing
+        scale = 1.0 if qmax < 0 else float(lambda_s) * (float(deltas[k]) if qmax > 0 else
+                                                         float(peak)) + float(eps)
+        d = gmax[k] * scale + float(decay) * float(peak)
+        u = d
+        if momentum != 0:
+            b = 0.0
+            if not flags[k, 1]:
+                b = _max_bits(numba.carray(_address(addresses[k, 2]), sizes[k], word.dtype), sign)
+                if b >= emask:
+                    return 1
+                b = float(np.full(1, b, word.dtype).view(real.dtype)[0])
+            u = float(momentum) * b + max(float(undamped), 1.0) * d
+            if flags[k, 0]:
+                u = d + float(momentum) * u
+        if float(peak) + float(lr) * u > 0.5 * float(np.full(1, emask - 1, word.dtype).view(real.dtype)[0]):
+            return 1
     for k in range(n):
         w = numba.carray(_address(addresses[k, 0]), sizes[k], real.dtype)
         g = numba.carray(_address(addresses[k, 1]), sizes[k], real.dtype)
