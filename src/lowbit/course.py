@@ -84,21 +84,27 @@ def release(out: Path, root: Path = ROOT, run_tests: bool = False,
     _check_out(out, force)
     paths = lab_paths(root)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def assign(master: Path, new: Path) -> None:
+        cmd = _otter() + ["assign", "--no-pdfs"]
+        if not run_tests:
+            cmd.append("--no-run-tests")
+        run = subprocess.run(cmd + [str(master), str(new)], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"otter assign failed on {master} (nothing in {out} was "
+                               f"changed):\n{run.stdout}\n{run.stderr}")
+        zips = sorted((new / "autograder").glob("*.zip"))
+        if len(zips) != 1:
+            raise RuntimeError(f"otter assign wrote {len(zips)} autograder zips for {master} "
+                               f"(nothing in {out} was changed)")
+        zips[0].rename(new / "autograder" / "autograder.zip")
+
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        for part, master in paths.items():
-            new = Path(tmp, part)
-            cmd = _otter() + ["assign", "--no-pdfs"]
-            if not run_tests:
-                cmd.append("--no-run-tests")
-            run = subprocess.run(cmd + [str(master), str(new)], capture_output=True, text=True)
-            if run.returncode != 0:
-                raise RuntimeError(f"otter assign failed on {master} (nothing in {out} was "
-                                   f"changed):\n{run.stdout}\n{run.stderr}")
-            zips = sorted((new / "autograder").glob("*.zip"))
-            if len(zips) != 1:
-                raise RuntimeError(f"otter assign wrote {len(zips)} autograder zips for {master} "
-                                   f"(nothing in {out} was changed)")
-            zips[0].rename(new / "autograder" / "autograder.zip")
+        with ThreadPoolExecutor(max_workers=2) as pool:  # two otter processes at a time
+            jobs = [pool.submit(assign, master, Path(tmp, part)) for part, master in paths.items()]
+        for job in jobs:  # the first error, once every part has finished
+            job.result()
         Path(tmp, "README.md").write_text(_README)
         out.mkdir(exist_ok=True)
         (out / MARKER).write_text("written by python -m lowbit.course; it may rewrite this folder\n")
@@ -153,12 +159,17 @@ def grade(autograder: Path, notebook: Path, strict: bool = True) -> dict[str, tu
 def check(out: Path) -> dict[str, dict[str, dict[str, tuple[float, float]]]]:
     """Grade both notebooks of every released part; raise if a solution loses a point or an
     unanswered student notebook earns one."""
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = {}
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two otter processes at a time
+        for part in LABS:
+            folder = Path(out) / part
+            zip_ = folder / "autograder" / "autograder.zip"
+            jobs[part] = (pool.submit(grade, zip_, folder / "autograder" / "lab.ipynb"),
+                          pool.submit(grade, zip_, folder / "student" / "lab.ipynb"))
     report = {}
     for part in LABS:
-        folder = Path(out) / part
-        zip_ = folder / "autograder" / "autograder.zip"
-        solved = grade(zip_, folder / "autograder" / "lab.ipynb")
-        blank = grade(zip_, folder / "student" / "lab.ipynb")
+        solved, blank = (job.result() for job in jobs[part])
         lost = {q: s for q, s in solved.items() if s[0] < s[1]}
         earned = {q: s for q, s in blank.items() if s[0] > 0}
         if lost or earned or not solved or set(solved) != set(blank):
