@@ -665,22 +665,22 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
     assert float(run.stdout.split()[-1]) < 1024, f"BHQ added {run.stdout.split()[-1]} MB"
 
 
-@pytest.mark.parametrize("quantizer", ["pt", "psq", "bhq"])
-def test_one_thread_stays_one_thread_through_an_fqt_backward(quantizer):
+def test_one_thread_stays_one_thread_through_an_fqt_backward():
     # numba's threading layer must not raise torch's thread count (nor its own) behind a
     # LOWBIT_THREADS=1 run: checked in a fresh process, where the layer starts
+    import os
     import subprocess
     import sys
-    code = f"""
+    code = """
 import torch, numba
 from lowbit import book, fqt, models
 book.setup(seed=0)
-m = fqt.wrap(models.build_model("mlp", (1, 8, 8)), {quantizer!r}, 4)
-m(torch.randn(256, 1, 8, 8)).sum().backward()
-print(torch.get_num_threads(), numba.get_num_threads())
+for quantizer in ("pt", "psq", "bhq"):
+    m = fqt.wrap(models.build_model("mlp", (1, 8, 8)), quantizer, 4)
+    m(torch.randn(256, 1, 8, 8)).sum().backward()
+    print(quantizer, torch.get_num_threads(), numba.get_num_threads())
 """
-    import os
-    env = {**os.environ, "LOWBIT_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "LOWBIT_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split()[-2:] == ["1", "1"], run.stdout
+    assert run.stdout.split()[-9:] == ["pt", "1", "1", "psq", "1", "1", "bhq", "1", "1"], run.stdout
