@@ -67,8 +67,10 @@ def test_a_fresh_venv_with_only_the_bundle_runs_a_downloaded_notebook(made, tmp_
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    install = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "-r", "requirements.txt",
-                              made["wheel"].name], cwd=folder, capture_output=True, text=True)
+    # (--no-compile: no byte-code for the thousands of modules the notebook never imports)
+    install = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-compile", "-r",
+                              "requirements.txt", made["wheel"].name], cwd=folder,
+                             capture_output=True, text=True)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     # lowbit comes from the wheel, not from the checkout; data and models go to a fresh folder
     where = subprocess.run([str(py), "-c", "import lowbit; print(lowbit.__file__)"], cwd=folder,

@@ -87,8 +87,8 @@ def setup(seed: int = 0) -> int:
     _pin_threads(THREADS)
     torch.set_flush_denormal(True)
     seed = seed_everything(seed + SEED_OFFSET)
-    print(f"seed {seed} (LOWBIT_SEED={SEED_OFFSET}) · {THREADS} thread{'s' * (THREADS != 1)} (LOWBIT_THREADS) · "
-          f"torch {torch.__version__} · device {get_device()} · "
+    print(f"seed {seed} (LOWBIT_SEED={SEED_OFFSET}) · {THREADS} thread{'s' * (THREADS != 1)} "
+          f"(LOWBIT_THREADS)\ntorch {torch.__version__} · device {get_device()} · "
           f"python {platform.python_version()}{' · FULL size' if FULL else ''}")
     return seed
 
