@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = ["LABS", "MARKER", "lab_paths", "release", "grade", "check", "NOTEBOOK_REQUIREMENTS",
@@ -84,7 +85,6 @@ def release(out: Path, root: Path = ROOT, run_tests: bool = False,
     _check_out(out, force)
     paths = lab_paths(root)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from concurrent.futures import ThreadPoolExecutor
 
     def assign(master: Path, new: Path) -> None:
         cmd = _otter() + ["assign", "--no-pdfs"]
@@ -159,7 +159,6 @@ def grade(autograder: Path, notebook: Path, strict: bool = True) -> dict[str, tu
 def check(out: Path) -> dict[str, dict[str, dict[str, tuple[float, float]]]]:
     """Grade both notebooks of every released part; raise if a solution loses a point or an
     unanswered student notebook earns one."""
-    from concurrent.futures import ThreadPoolExecutor
     jobs = {}
     with ThreadPoolExecutor(max_workers=2) as pool:  # two otter processes at a time
         for part in LABS:

@@ -269,9 +269,6 @@ class PSGD(torch.optim.Optimizer):
         # [group, parameters, gradients] for every group with a gradient
         todo = [[g, ps, [p.grad for p in ps]] for g in self.param_groups
                 if (ps := [p for p in g["params"] if p.grad is not None])]
-        plain = [p for g, ps, _ in todo if not g["scaled"] for p in ps]  # (scaled: by their grid)
-        if plain:
-            _check_peaks(plain, max_abs(plain).tolist())
         # Groups that agree on a setting are computed together, one multi-tensor call per
         # setting (param_groups gives the first and last layers groups of their own)
         together: dict[tuple, list] = {}
@@ -296,7 +293,7 @@ class PSGD(torch.optim.Optimizer):
         updates: dict[tuple, list] = {}
         for item in todo:
             updates.setdefault(tuple(item[0][k] for k in _SGD_SETTINGS), []).append(item)
-        for key, items in updates.items():
+        for key, items in updates.items():  # every group checked before any is updated
             ps = [p for _, group_ps, _ in items for p in group_ps]
             _check_no_overflow(ps, [gr for *_, grads in items for gr in grads],
                                [self.state[p].get("momentum_buffer") for p in ps],
@@ -315,14 +312,19 @@ class PSGD(torch.optim.Optimizer):
 
 def _check_no_overflow(ps: list[torch.Tensor], grads: list[torch.Tensor],
                        bufs: list[torch.Tensor | None], settings: dict) -> None:
-    """Raise a FloatingPointError, before anything is written, if SGD's update of ``ps`` by
-    the (scaled) ``grads`` would make a weight or a momentum value non-finite (a finite
-    gradient of 3e38 times a learning rate of 10, say). A bound from the largest magnitudes
-    decides; only where it exceeds half the largest float is the step tried on copies."""
+    """Raise before anything is written: a ValueError if a weight of ``ps`` is not finite
+    (in an unscaled group its NaN would reach the momentum), a FloatingPointError if SGD's
+    update by the (scaled) ``grads`` would make a weight or a momentum value non-finite (a
+    finite gradient of 3e38 times a learning rate of 10, say). A bound from the largest
+    magnitudes decides; only where it exceeds half the largest float is the step tried on
+    copies."""
     lr, m, decay = settings["lr"], settings["momentum"], settings["weight_decay"]
     w, g = max_abs(ps).double(), max_abs(grads).double()
-    b = torch.stack([max_abs([x]).double()[0] if x is not None else torch.zeros((), dtype=torch.float64,
-                     device=w.device) for x in bufs])
+    _check_peaks(ps, w.tolist())
+    b = torch.zeros_like(w)  # max|buffer|, 0 where there is none yet
+    held = [i for i, x in enumerate(bufs) if x is not None]
+    if held:
+        b[held] = max_abs([bufs[i] for i in held]).double()
     d = g + decay * w
     u = (m * b + max(1.0 - settings["dampening"], 1.0) * d) if m else d
     if m and settings["nesterov"]:

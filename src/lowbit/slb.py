@@ -101,7 +101,7 @@ class _SLBWeight(nn.Module):
                   ) -> None:
         self.bits = check_bits(bits, 1, MAX_BITS, "bits")
         self.weight_shape = tuple(shape)
-        self.temperature = check_temperature(temperature)
+        self.temperature = temperature  # (checked by the property)
         self.state: State = "auto"
         if alpha not in ("learned", "fixed"):
             raise ValueError(f"alpha must be 'learned' or 'fixed', got {alpha!r}")
@@ -211,7 +211,7 @@ class _SLBWeight(nn.Module):
 
     def set_extra_state(self, extra: dict) -> None:
         quant.check_extra_state(self, extra, ("temperature", "state"))
-        self.temperature = check_temperature(extra["temperature"])
+        self.temperature = extra["temperature"]  # (checked by the property)
         self.state = _check_state(extra["state"])
 
     def extra_repr(self) -> str:
