@@ -242,6 +242,18 @@ def test_notebooks_are_committed_without_outputs():
                     f"{path.relative_to(ROOT)}: cell {i} has outputs (clear them before a commit)"
 
 
+def test_code_fits_the_pages_code_column():
+    """A page's code column holds 80 characters at a 1,280-pixel window: a longer line would
+    make its cell scroll sideways (formatted with black --line-length 80)."""
+    import json
+    long = [f"{path.relative_to(ROOT)}, cell {i}: {line.strip()[:40]}…"
+            for path in sorted((ROOT / "book").glob("*/*.ipynb"))
+            for i, cell in enumerate(json.loads(path.read_text())["cells"])
+            if cell["cell_type"] == "code"
+            for line in "".join(cell["source"]).splitlines() if len(line) > 80]
+    assert not long, f"code lines over 80 characters: {long[:5]}"
+
+
 # ------------------------------------------------------------ the tests behind the claims
 def test_paired_t_test_is_scipys_one_sided_test():
     from scipy import stats
