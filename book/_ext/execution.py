@@ -82,17 +82,23 @@ def toc_notebooks(root: Path = ROOT) -> list[Path]:
 def _execute_one(src: Path, dest: Path, timeout: int) -> int:
     """Child process: execute ``src`` as myst-nb's cache mode does, write it to ``dest``.
     Exit status 0 (ran), 1 (a cell raised), 3 (a cell timed out)."""
+    import traceback
+
+    import nbclient
     import nbformat
-    from jupyter_cache.executors.utils import single_nb_execution
-    from nbclient.exceptions import CellTimeoutError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError
     AsyncZMQSocketChannel.get_msg = get_msg
     nb = nbformat.read(src, as_version=4)
-    result = single_nb_execution(nb, cwd=str(src.parent), timeout=timeout,
-                                 allow_errors=False, meta_override=True)
-    if result.err is not None:
-        print(result.exc_string, file=sys.stderr)
-        return 3 if isinstance(result.err, CellTimeoutError) else 1
-    nbformat.write(result.nb, dest)
+    # what jupyter-cache's single_nb_execution does for myst-nb (a notebook's own
+    # execution metadata may change the timeout), without needing jupyter-cache
+    timeout = nb.metadata.get("execution", {}).get("timeout", timeout)
+    try:
+        nbclient.execute(nb, cwd=str(src.parent), timeout=timeout, allow_errors=False,
+                         record_timing=False)
+    except (CellExecutionError, CellTimeoutError) as error:
+        traceback.print_exc()
+        return 3 if isinstance(error, CellTimeoutError) else 1
+    nbformat.write(nb, dest)
     return 0
 
 
