@@ -106,8 +106,8 @@ def execute_all(jobs: int, timeout: int, root: Path = ROOT) -> int:
     """Execute every notebook whose current source jupyter-cache does not hold, ``jobs`` at
     a time, and store each in the cache as soon as it has run (the build then reads it from
     there). The notebooks of one folder (one part of the book) run one after another, in
-    the build's order, because they share trained models; the parts go to the free worker,
-    the biggest first. Two notebooks that need the same untrained model still train it once
+    the book's order, because they share trained models; the parts go to the free worker in
+    that order too. Two notebooks that need the same untrained model still train it once
     (:func:`lowbit.cache.load_or_train` locks it). Returns 1 if a cell raised (its
     traceback is printed), else 0; a notebook that timed out is left to the build, which
     runs it again."""
@@ -128,8 +128,8 @@ def execute_all(jobs: int, timeout: int, root: Path = ROOT) -> int:
         except KeyError:
             todo.setdefault(path.parent, []).append(path)
     parts: queue.Queue = queue.Queue()
-    for part in sorted(todo.values(), key=len, reverse=True):
-        parts.put(part)
+    for part in todo.values():  # in the book's order: Foundations and Part I, the
+        parts.put(part)          # biggest, start at once, side by side
     total = sum(len(p) for p in todo.values())
     print(f"== executing {total} notebooks, {jobs} at a time "
           f"({os.environ.get('LOWBIT_THREADS', '2')} thread(s) each)", flush=True)
