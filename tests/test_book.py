@@ -254,6 +254,21 @@ def test_code_fits_the_pages_code_column():
     assert not long, f"code lines over 80 characters: {long[:5]}"
 
 
+def test_api_modules_are_the_packages_public_modules_and_the_api_page_has_each():
+    """book.API_MODULES (what the API page and its test cover) names every public module of
+    the package, in the order book/api.md documents them."""
+    import pkgutil
+    import re
+
+    import lowbit
+    from lowbit import book
+    public = {f"lowbit.{m.name}" for m in pkgutil.iter_modules(lowbit.__path__)
+              if not m.name.startswith("_")}
+    assert set(book.API_MODULES) == public, sorted(public ^ set(book.API_MODULES))
+    documented = re.findall(r"\.\. automodule:: (\S+)", (ROOT / "book" / "api.md").read_text())
+    assert documented == list(book.API_MODULES)
+
+
 # ------------------------------------------------------------ the tests behind the claims
 def test_paired_t_test_is_scipys_one_sided_test():
     from scipy import stats

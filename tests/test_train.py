@@ -302,3 +302,32 @@ def test_a_nan_image_is_named_as_data_not_as_divergence():
 def test_labels_the_model_cannot_give_are_named():
     with pytest.raises(ValueError, match=r"it gives 10 outputs per example .* go from 0 to 11; a label must be 0..9"):
         train.loss_and_correct(torch.randn(12, 10), torch.arange(12))
+
+
+def test_not_training_names_modules_that_cannot_change_a_trained_model():
+    """cache.NOT_TRAINING leaves modules out of the model cache's key, so it must stay true:
+    each entry is a module of the package, and no module that trains imports one of them
+    except ``cache`` itself (which only stores), so editing a plot or a page cannot change a
+    trained model that the cache hands back."""
+    import ast
+    from pathlib import Path
+    root = Path(cache.__file__).parent
+    assert all((root / name).is_file() for name in cache.NOT_TRAINING), cache.NOT_TRAINING
+    outside = {name[:-3] for name in cache.NOT_TRAINING} - {"cache"}
+    bad = []
+    for f in sorted(root.rglob("*.py")):
+        if f.parent == root and f.name in cache.NOT_TRAINING:
+            continue
+        package = f.relative_to(root).parts[:-1]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[:len(package) - node.level + 1]
+                targets = [(*base, *node.module.split("."))] if node.module else \
+                    [(*base, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lowbit."):
+                targets = [tuple(node.module.split(".")[1:])]
+            else:
+                continue
+            bad += [f"{f.relative_to(root)} imports {'.'.join(t)}" for t in targets
+                    if len(t) == 1 and t[0] in outside]
+    assert not bad, f"a training module imports one the model cache ignores: {bad}"
