@@ -17,29 +17,15 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import book_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "_build" / ".jupyter_cache"
 
 
-def _toc_files() -> list[str]:
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
-
-    def walk(entries):
-        for e in entries or []:
-            if "file" in e:
-                files.append(e["file"])
-            walk(e.get("sections"))
-            walk(e.get("chapters"))
-
-    walk(toc.get("parts"))
-    return files
-
-
-NOTEBOOKS = [f + ".ipynb" for f in _toc_files() if (ROOT / (f + ".ipynb")).exists()]
+# the notebooks of _toc.yml, in its order (as the build's executor lists them)
+NOTEBOOKS = [p.relative_to(ROOT).as_posix()
+             for p in book_extension("execution").toc_notebooks(ROOT)]
 
 if not os.environ.get("CI"):
     pytestmark = pytest.mark.skipif(not CACHE.exists(),
