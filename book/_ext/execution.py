@@ -180,6 +180,15 @@ def execute_all(jobs: int, timeout: int, root: Path = ROOT) -> int:
     return 0
 
 
+def notebook_threads(jobs: int | None = None) -> str:
+    """The ``LOWBIT_THREADS`` each notebook of the build runs with, ``jobs`` at a time
+    (default: one per CPU core this process may use): as set, else 1 when more than one runs
+    at a time, else the book's default, 2. (The JupyterLab test runs its kernels with it too,
+    so that they find the build's trained models in the cache.)"""
+    jobs = jobs or len(os.sched_getaffinity(0))
+    return os.environ.get("LOWBIT_THREADS") or ("1" if jobs > 1 else "2")
+
+
 def main(argv: list[str]) -> int:
     """``python book/_ext/execution.py [JOBS]``: execute the book's notebooks before the
     build, ``JOBS`` at a time (default: the CPU cores this process may use). Each notebook
@@ -192,8 +201,7 @@ def main(argv: list[str]) -> int:
     jobs = int(argv[0]) if argv else len(os.sched_getaffinity(0))
     if jobs < 1:
         raise SystemExit(f"JOBS must be at least 1, not {jobs}")
-    if "LOWBIT_THREADS" not in os.environ and jobs > 1:
-        os.environ["LOWBIT_THREADS"] = "1"
+    os.environ["LOWBIT_THREADS"] = notebook_threads(jobs)
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     return execute_all(jobs, int(config["execute"]["timeout"]))
 
