@@ -1,8 +1,9 @@
 """Every notebook of the book, as the book build executed it: one test per notebook.
 
-``bash .ci/test`` executes each notebook once, in the book build (``.ci/book``: ``book/_ext/execution.py``
-runs the notebooks one per CPU core, as myst-nb would, with their widgets' state, and stores
-each result in jupyter-cache, where myst-nb finds it; a failing cell fails the build). These tests then read that execution back instead of running the
+``bash .ci/test`` executes each notebook once, in the book build (``.ci/book``:
+``book/_ext/execution.py`` runs the notebooks one per CPU core, as myst-nb would, with their
+widgets' state, and stores each result in jupyter-cache, where myst-nb finds it; a failing
+cell fails the build). These tests then read that execution back instead of running the
 notebooks a second time: for each notebook in the table of contents, the cache holds an
 execution of exactly its current source, every code cell ran, no cell raised, and every
 claim it shows holds. (To run the notebooks themselves as tests, at another seed offset or
