@@ -120,11 +120,12 @@ def execute_all(jobs: int, timeout: int, root: Path = ROOT) -> int:
     from jupyter_cache import get_cache
     from jupyter_cache.base import CacheBundleIn
 
+    cache = get_cache(str(CACHE))  # one for the whole run (written under the lock below)
     todo: dict[Path, list[Path]] = {}
     for path in toc_notebooks(root):
         nb = nbformat.read(path, as_version=4)
         try:
-            get_cache(str(CACHE)).match_cache_notebook(nb)
+            cache.match_cache_notebook(nb)
         except KeyError:
             todo.setdefault(path.parent, []).append(path)
     parts: queue.Queue = queue.Queue()
@@ -155,7 +156,7 @@ def execute_all(jobs: int, timeout: int, root: Path = ROOT) -> int:
                     done[0] += 1
                     if child.returncode == 0:
                         nb = nbformat.read(dest, as_version=4)
-                        get_cache(str(CACHE)).cache_notebook_bundle(
+                        cache.cache_notebook_bundle(
                             CacheBundleIn(nb, str(path), data={"execution_seconds": seconds}),
                             check_validity=False, overwrite=True)
                         print(f"[{done[0]}/{total}] {name}: {seconds:.0f} s", flush=True)
