@@ -177,6 +177,34 @@ def _fake_fashion(folder, n_train=30, n_test=20, compress=True):
     return arrays
 
 
+def test_fashion_split_is_standardized_by_the_training_pixels(tmp_path, monkeypatch):
+    """Every seed's split is the same images in another order, standardized by the same two
+    numbers (the mean and standard deviation of all training pixels), and a training subset
+    made on its own equals the full split's first rows."""
+    arrays = _fake_fashion(tmp_path / "fm", n_train=40, compress=False)
+    monkeypatch.setenv("LOWBIT_FASHION_MNIST", str(tmp_path / "fm"))
+    data._fashion_raw.cache_clear()
+    data._uncached_split.cache_clear()
+    pixels = arrays["train-images-idx3-ubyte"].astype(np.float64) / 255
+    for seed in (0, 1):
+        s = data.load_arrays("fashion", seed=seed)
+        expected = (arrays["t10k-images-idx3-ubyte"] / 255 - pixels.mean()) / pixels.std()
+        np.testing.assert_allclose(s.x_test[:, 0], expected, rtol=1e-5, atol=1e-5)
+        assert s.x_train.dtype == np.float32 and s.x_train.shape == (40, 1, 28, 28)
+        train, _ = data.get_loaders("fashion", 64, seed=seed, n_train=7)
+        np.testing.assert_array_equal(train.x.numpy(), s.x_train[:7])
+        np.testing.assert_array_equal(train.y.numpy(), s.y_train[:7])
+    raw = data.load_arrays("fashion", seed=1, standardize=False)
+    np.testing.assert_array_equal(raw.x_test[:, 0],
+                                  (arrays["t10k-images-idx3-ubyte"] / np.float32(255)
+                                   ).astype(np.float32))
+    with pytest.raises(ValueError, match="n_train must be from 1 to 40"):
+        data.get_loaders("fashion", 8, seed=0, n_train=41)
+    data._fashion_raw.cache_clear()
+    data._uncached_split.cache_clear()
+    data._fashion_table.cache_clear()
+
+
 @pytest.mark.parametrize("compress", [True, False])
 def test_fashion_reads_idx_files_from_a_named_folder(tmp_path, monkeypatch, compress):
     arrays = _fake_fashion(tmp_path / "fm", compress=compress)

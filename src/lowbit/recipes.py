@@ -68,7 +68,7 @@ def build(r: Recipe) -> nn.Module:
     seed_everything(r.seed)
     if r.model == "transformer":
         return models.TinyTransformer()
-    return models.build_model(r.model, data.load_arrays(r.data, r.seed).input_shape)
+    return models.build_model(r.model, tuple(loaders(r)[1].x.shape[1:]))
 
 
 def train_fp(r: Recipe = Recipe(), progress: bool = True) -> tuple[nn.Module, History]:
