@@ -80,15 +80,11 @@ def test_pruning_target_is_zero():
     torch.testing.assert_close(p.detach(), torch.tensor([0.5 - 0.05, -0.25 - 0.025, 0.0]))
 
 
-@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("sgd", [dict(momentum=0.9, weight_decay=5e-4),
                                  dict(momentum=0.9, dampening=0.3, weight_decay=0.1),
                                  dict(momentum=0.5, nesterov=True), dict(weight_decay=1e-2)])
-def test_unscaled_group_is_plain_sgd(sgd, compiled, monkeypatch):
-    """An unscaled group is torch.optim.SGD bit for bit, over several steps, compiled (on a
-    CPU) or not."""
-    if not compiled:
-        _general_path(monkeypatch)
+def test_unscaled_group_is_plain_sgd(sgd):
+    """An unscaled group is torch.optim.SGD bit for bit, over several steps."""
     torch.manual_seed(0)
     a, b = nn.Linear(40, 3), nn.Linear(40, 3)
     b.load_state_dict(a.state_dict())
@@ -165,15 +161,12 @@ def test_sparsity_and_mse_helpers():
     assert math.isclose(psgd.sparsity(net, threshold=1.0), 1.0)
 
 
-@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("eps", [1e-3, 0.0])
 @pytest.mark.parametrize("bits", [4, 2, None])
-def test_multi_tensor_step_is_the_per_parameter_formula(bits, eps, compiled, monkeypatch):
-    """PSGD's many-parameter paths (plain scale, current range, or aimed at 0), compiled on a
-    CPU or multi-tensor ops as on a GPU, compute, bit for bit,
-    w ← w − lr·(momentum buffer of s(w)·g + wd·w), s from position_scale/position_target."""
-    if not compiled:
-        monkeypatch.setattr(psgd, "_step_loop", lambda: None)
+def test_multi_tensor_step_is_the_per_parameter_formula(bits, eps):
+    """PSGD's many-parameter path (plain scale, current range, or aimed at 0: multi-tensor
+    ops) computes, bit for bit, w ← w − lr·(momentum buffer of s(w)·g + wd·w), s from
+    position_scale/position_target."""
     torch.manual_seed(0)
     ws = [torch.randn(8, 3, 3, 3), torch.randn(10, 20), torch.zeros(5)]
     gs = [torch.randn_like(w) for w in ws]
@@ -243,87 +236,10 @@ def test_non_finite_weights_are_named_and_nothing_moves():
     assert len(opt.state) == 0
 
 
-def _general_path(monkeypatch):
-    """Switch the compiled step off: steps then take the torch operations (as on a GPU)."""
-    monkeypatch.setattr(psgd, "_step_loop", lambda: None)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("eps", [1e-3, 0.0])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16, None, "unscaled"])
-@pytest.mark.parametrize("sgd", [dict(momentum=0.9, weight_decay=5e-4),
-                                 dict(momentum=0.9, dampening=0.2, weight_decay=1e-2),
-                                 dict(momentum=0.9, nesterov=True),
-                                 dict(momentum=0.0, weight_decay=1e-3), dict()])
-def test_compiled_step_is_the_general_path(bits, eps, dtype, sgd, monkeypatch):
-    """On a CPU a step is one compiled call (step_loop): bit for bit the torch operations
-    of the general path (the scale, then torch.optim.SGD's update), over three steps, on
-    weights that sit on their grid, exact zeros, an all-zero tensor, an empty one, several
-    shapes and both float dtypes, for every SGD setting."""
-    if psgd._step_loop() is None:
-        pytest.skip("no compiled step here (numba missing, or a CPU without FMA)")
-    torch.manual_seed(0)
-    on_grid = torch.tensor([-0.8, -0.4, 0.0, 0.4, 1.2])
-    ws = [torch.randn(16, 8, 3, 3), torch.randn(10, 157) * 1e-3, torch.zeros(7), on_grid,
-          torch.randn(1), torch.randn(0), torch.randn(33)]
-    grads = [[torch.randn_like(w).to(dtype) for w in ws] for _ in range(3)]
-    group = {"scaled": False} if bits == "unscaled" else {"bits": bits}
-    runs = []
-    for compiled in (True, False):
-        params = [nn.Parameter(w.to(dtype, copy=True)) for w in ws]
-        opt = psgd.PSGD([{"params": params, **group}], lr=0.1, lambda_s=24.0, eps=eps, **sgd)
-        for gs in grads:
-            for p, g in zip(params, gs):
-                p.grad = g.clone()
-            assert opt._compiled_step(psgd._step_loop()) if compiled else opt.step() is None
-        runs.append((params, opt))
-        _general_path(monkeypatch)
-    (a, opt_a), (b, opt_b) = runs
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
-    assert all(torch.equal(opt_a.state[p]["momentum_buffer"], opt_b.state[q]["momentum_buffer"])
-               for p, q in zip(a, b)) if sgd.get("momentum") else not opt_a.state
-
-
-def test_compiled_step_takes_what_it_can_and_leaves_the_rest(monkeypatch):
-    """The compiled call declines, changing nothing, a non-contiguous weight, mixed dtypes,
-    a normalized or running-range group, a momentum buffer of another shape (as from a
-    state dict) and non-finite values; the general path then takes the step, or names the
-    value, and no momentum buffer is made."""
-    loop = psgd._step_loop()
-    if loop is None:
-        pytest.skip("no compiled step here")
-    w = torch.randn(4, 6)
-
-    def opt(*weights, **kw):
-        params = [nn.Parameter(v.clone()) for v in weights]
-        for p in params:
-            p.grad = torch.ones_like(p)
-        return psgd.PSGD(params, lr=0.1, momentum=0.9, **kw)
-
-    stale = opt(w)
-    stale.state[stale.param_groups[0]["params"][0]]["momentum_buffer"] = torch.zeros(24)
-    nan_grad = opt(w)
-    nan_grad.param_groups[0]["params"][0].grad[1, 2] = float("nan")
-    for o in (opt(w.t()), opt(w, w.double()), opt(w, normalized=True, eps=0.1),
-              opt(w, grid_range="running"), stale, opt(w.clone().fill_(float("inf"))),
-              nan_grad):
-        params = o.param_groups[0]["params"]
-        before = [p.detach().clone() for p in params]
-        state = {k: dict(v) for k, v in o.state.items()}
-        assert not o._compiled_step(loop)
-        for p, q in zip(params, before):
-            torch.testing.assert_close(p.detach(), q, rtol=0, atol=0, equal_nan=True)
-        assert o.state.keys() == state.keys()
-    with pytest.raises(ValueError, match=r"non-finite gradient in 1 parameter.*\(4, 6\)"):
-        nan_grad.step()
-    with pytest.raises(ValueError, match=r"non-finite weights .*\(4, 6\)"):
-        opt(w.clone().fill_(float("inf"))).step()
-
-
-def test_compiled_path_follows_a_parameter_whose_memory_changes():
-    """The compiled path keeps numpy views of each weight between steps; a parameter given
-    new memory (``p.data = ...``, as a loaded copy or a cast does) is read anew, and a
-    non-contiguous weight takes the multi-tensor path: both steps are the formula's."""
+def test_step_follows_a_parameter_whose_memory_changes():
+    """A parameter given new memory (``p.data = ...``, as a loaded copy or a cast does) is
+    read anew, and a non-contiguous weight steps as a contiguous one: both steps are the
+    formula's."""
     w0, w1 = torch.tensor([0.3, -0.2, 0.9]), torch.tensor([0.5, 0.1, -0.45])
     p = nn.Parameter(w0.clone())
     opt = psgd.PSGD([p], lr=0.1, bits=3, lambda_s=10.0)
@@ -342,7 +258,7 @@ def test_compiled_path_follows_a_parameter_whose_memory_changes():
 
 
 @pytest.mark.parametrize("scaled_group", [dict(), dict(normalized=True, eps=1e-3)],
-                         ids=["compiled path", "torch path"])
+                         ids=["plain scale", "normalized scale"])
 def test_a_non_finite_weight_in_an_unscaled_group_is_refused_before_any_update(scaled_group):
     a = nn.Parameter(torch.tensor([1.0, float("nan")]))
     b = nn.Parameter(torch.tensor([0.5, 0.2]))
@@ -355,7 +271,7 @@ def test_a_non_finite_weight_in_an_unscaled_group_is_refused_before_any_update(s
 
 
 @pytest.mark.parametrize("scaled_group", [dict(), dict(normalized=True, eps=1e-3)],
-                         ids=["compiled path", "torch path"])
+                         ids=["plain scale", "normalized scale"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_a_step_that_would_overflow_is_refused_before_any_update(scaled_group, momentum):
     c = nn.Parameter(torch.tensor([3e38, 1.0]))

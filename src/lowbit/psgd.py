@@ -27,12 +27,10 @@ Choices this implementation makes (each a parameter):
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import struct
 from typing import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.sgd import sgd
@@ -40,7 +38,7 @@ from torch.optim.sgd import sgd
 from .optim import checked_gradients, max_abs, run_closure
 from .quant import check_bits, quantizable_layers, quantize_symmetric
 
-__all__ = ["position_target", "position_scale", "warp", "PSGD", "step_loop", "max_bits",
+__all__ = ["position_target", "position_scale", "warp", "PSGD",
            "param_groups", "sparsity", "magnitude_prune", "weight_quantization_mse"]
 
 
@@ -213,58 +211,9 @@ class PSGD(torch.optim.Optimizer):
             torch._foreach_add_(d, eps)
         return d
 
-    def _compiled_step(self, loop) -> bool:
-        """The step as one compiled call (:func:`step_loop`) where it applies: on a CPU,
-        weights and gradients of one float dtype, contiguous and dense, and every scaled
-        group on the plain scale with the grid's range taken from the current weights (or
-        aimed at 0). Returns False, having changed nothing, where it does not apply or a
-        value is not finite: :meth:`step`'s general path then takes the step or names it."""
-        rows, addresses, sizes, flags, fresh, dtype = [], [], [], [], [], None
-        for g in self.param_groups:
-            if g["scaled"] and not self._takes_foreach(g):
-                return False
-            bits, momentum = g["bits"], g["momentum"] != 0
-            qmax = -1 if not g["scaled"] else 0 if bits is None else 2 ** (bits - 1) - 1
-            row = (qmax, g["lambda_s"], g["eps"], g["weight_decay"], g["momentum"],
-                   1 - g["dampening"], g["lr"])
-            for p in g["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                dtype = dtype or p.dtype
-                if not (p.dtype is dtype and p.is_cpu and p.is_contiguous() and not grad.is_sparse
-                        and grad.is_contiguous() and grad.dtype is dtype
-                        and grad.shape == p.shape):
-                    return False
-                buf = self.state.get(p, {}).get("momentum_buffer") if momentum else p  # (unread)
-                first = buf is None
-                if first:  # the first step: written by the loop, kept if it succeeds
-                    buf = torch.empty_like(p)
-                    fresh.append((p, buf))
-                elif not (buf.dtype is dtype and buf.is_cpu and buf.is_contiguous()
-                          and buf.shape == p.shape):
-                    return False
-                addresses += p.data_ptr(), grad.data_ptr(), buf.data_ptr()
-                sizes.append(p.numel())
-                rows.append(row)
-                flags.append((g["nesterov"], first))
-        if dtype not in _LOOP_TYPES:
-            return not sizes  # no gradient: nothing to do
-        real, word, emask, sign = _LOOP_TYPES[dtype]
-        if loop(np.array(addresses, np.int64).reshape(-1, 3), np.array(sizes, np.int64),
-                np.array(rows, real), np.array(flags, np.bool_), np.zeros(1, real),
-                np.array([emask, sign], word)):
-            return False
-        for p, buf in fresh:
-            self.state[p]["momentum_buffer"] = buf
-        return True
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = run_closure(closure)
-        loop = _step_loop()
-        if loop is not None and self._compiled_step(loop):  # on a CPU: one compiled call
-            return loss
         checked_gradients(self, "PSGD")  # everything checked before anything changes
         # [group, parameters, gradients] for every group with a gradient
         todo = [[g, ps, [p.grad for p in ps]] for g in self.param_groups
@@ -349,153 +298,6 @@ def _check_peaks(ps: list[torch.Tensor], peaks: list[float]) -> None:
         bad = [tuple(p.shape) for p, v in zip(ps, peaks) if not math.isfinite(v)]
         raise ValueError(f"non-finite weights in parameter(s) with shapes {bad}; "
                          "no parameter was updated")
-
-
-def step_loop(addresses, sizes, settings, flags, real, word):
-    """PSGD's whole step on a CPU, for every parameter in one call: the gradient check,
-    s(w) ⊙ g (paper eq. 6) and torch.optim.SGD's update, element by element. Parameter k
-    is ``sizes[k]`` values at ``addresses[k]`` = (weight, gradient, momentum buffer), with
-    ``settings[k]`` = (qmax, λ_s, ε, weight decay, momentum, 1 − dampening, lr) in the
-    weights' dtype (``real``; ``word``: the integers of its width) and ``flags[k]`` =
-    (nesterov, first step). ``qmax`` > 0 scales towards the grid of step Δ = max|w| / qmax,
-    0 towards 0 (pruning), and −1 not at all (plain SGD).
-
-    Nothing is written unless every gradient and every weight is finite; then it returns 0,
-    else 1. SGD's update is torch's own arithmetic: each of its
-    ``x.add(y, alpha=a)`` is one fused multiply-add, as ATen computes it on a CPU with FMA
-    (checked against torch.optim.SGD before its first use). Compiled with numba."""
-    n = sizes.size
-    deltas = np.ones(n, real.dtype)
-    emask, sign = word[0], word[1]  # a float's exponent bits; all bits but the sign
-    gmax = np.zeros(n)
-    for k in range(n):  # max|g| and max|w| from the bits: a NaN's are the largest
-        top = _max_bits(numba.carray(_address(addresses[k, 1]), sizes[k], word.dtype), sign)
-        if top >= emask:
-            return 1
-        gmax[k] = np.full(1, top, word.dtype).view(real.dtype)[0]
-    for k in range(n):  # every weight finite (an unscaled one's NaN would reach its momentum)
-        qmax, lambda_s, eps, decay, momentum, undamped, lr = settings[k]
-        top = _max_bits(numba.carray(_address(addresses[k, 0]), sizes[k], word.dtype), sign)
-        if top >= emask:
-            return 1
-        peak = np.full(1, top, word.dtype).view(real.dtype)[0]
-        if qmax > 0:
-            deltas[k] = peak / qmax if peak > 0 else qmax / qmax  # Δ (1 if every w is 0)
-        # a bound on |w − lr·update| (in float64): past half the largest float, the step
-        # might overflow, and the caller's torch path checks it exactly before writing
-        scale = 1.0 if qmax < 0 else float(lambda_s) * (float(deltas[k]) if qmax > 0 else
-                                                         float(peak)) + float(eps)
-        d = gmax[k] * scale + float(decay) * float(peak)
-        u = d
-        if momentum != 0:
-            b = 0.0
-            if not flags[k, 1]:
-                b = _max_bits(numba.carray(_address(addresses[k, 2]), sizes[k], word.dtype), sign)
-                if b >= emask:
-                    return 1
-                b = float(np.full(1, b, word.dtype).view(real.dtype)[0])
-            u = float(momentum) * b + max(float(undamped), 1.0) * d
-            if flags[k, 0]:
-                u = d + float(momentum) * u
-        if float(peak) + float(lr) * u > 0.5 * float(np.full(1, emask - 1, word.dtype).view(real.dtype)[0]):
-            return 1
-    for k in range(n):
-        w = numba.carray(_address(addresses[k, 0]), sizes[k], real.dtype)
-        g = numba.carray(_address(addresses[k, 1]), sizes[k], real.dtype)
-        buf = numba.carray(_address(addresses[k, 2]), sizes[k], real.dtype)
-        qmax, lambda_s, eps, decay, momentum, undamped, lr = settings[k]
-        nesterov, first = flags[k, 0], flags[k, 1]
-        delta = deltas[k]
-        for i in range(w.size):
-            d = g[i]
-            if qmax > 0:  # s(w) ⊙ g, as position_scale(w, position_target(w, bits)) * g
-                d = d * (abs(np.rint(w[i] / delta) * delta - w[i]) * lambda_s + eps)
-            elif qmax == 0:
-                d = d * (abs(w[i]) * lambda_s + eps)
-            if decay != 0:  # d = d.add(w, alpha=weight_decay)
-                d = _fma(w[i], decay, d)
-            if momentum != 0:  # buf = d, then buf.mul_(momentum).add_(d, alpha=1 − dampening)
-                b = d if first else _fma(d, undamped, buf[i] * momentum)
-                buf[i] = b
-                d = _fma(b, momentum, d) if nesterov else b
-            w[i] = _fma(d, -lr, w[i])  # w.add_(d, alpha=−lr)
-    return 0
-
-
-def max_bits(word, sign):
-    """The largest ``word[i] & sign``: for floats' bits with the sign cleared, the bits of
-    the largest magnitude, a NaN above ±inf. Compiled (inlined) into :func:`step_loop`."""
-    top = word[:0].sum() & sign
-    for i in range(word.size):
-        top = max(top, word[i] & sign)
-    return top
-
-
-#: The dtypes :func:`step_loop` takes: their numpy type, the integer one of their width,
-#: the exponent mask and the mask that clears the sign bit.
-_LOOP_TYPES = {torch.float32: (np.float32, np.int32, 0x7F800000, 2 ** 31 - 1),
-               torch.float64: (np.float64, np.int64, 0x7FF0000000000000, 2 ** 63 - 1)}
-
-
-try:  # numba compiles the loop; without it, the step is torch's operations
-    import numba
-    from llvmlite import ir
-    from numba.extending import intrinsic
-
-    _max_bits = numba.njit(inline="always", cache=True)(max_bits)
-
-    @intrinsic
-    def _fma(typingctx, a, b, c):
-        """``a·b + c`` rounded once (a fused multiply-add) in compiled code: what ATen's
-        CPU kernels compute for ``c.add(a, alpha=b)`` (where :func:`_step_loop` finds so)."""
-        def codegen(context, builder, signature, args):
-            t = args[0].type
-            f = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t] * 3))
-            return builder.call(f, args)
-        return a(a, a, a), codegen
-
-    @intrinsic
-    def _address(typingctx, n):
-        """The integer ``n`` (a tensor's ``data_ptr()``) as a pointer, for ``numba.carray``:
-        how one compiled call reads a list of tensors, as ATen's multi-tensor kernels take a
-        table of addresses. The caller keeps the tensors alive during the call."""
-        return numba.types.voidptr(numba.types.int64), lambda context, builder, sig, args: \
-            builder.inttoptr(args[0], context.get_value_type(numba.types.voidptr))
-except ImportError:  # pragma: no cover
-    numba, _max_bits = None, max_bits
-
-
-@functools.cache
-def _step_loop():
-    """:func:`step_loop` compiled by numba, made on the first CPU step; None without numba,
-    or where its update does not give torch.optim.SGD's bits (as it would not where torch's
-    kernels round a·b + c twice): a few steps of both on small tensors of every length up
-    to 40 decide, with weight decay, momentum, dampening and Nesterov. Right after a backward
-    pass, each small tensor operation costs more than its arithmetic
-    (``python -m lowbit.bench psgd``); one call does the step's work for every tensor."""
-    if numba is None:  # pragma: no cover
-        return None
-    loop = numba.njit(cache=True)(step_loop)
-    for dtype in _LOOP_TYPES:
-        for nesterov, dampening in ((False, 0.1), (True, 0.0)):
-            gen = torch.Generator().manual_seed(0)
-            ws = [torch.randn(n, generator=gen, dtype=dtype) for n in range(1, 41)]
-            ours = [nn.Parameter(w.clone()) for w in ws]
-            theirs = [nn.Parameter(w.clone()) for w in ws]
-            settings = dict(lr=0.1, momentum=0.9, dampening=dampening, weight_decay=0.3,
-                            nesterov=nesterov)  # (terms of one size: rounding shows)
-            a = PSGD(ours, scaled=False, **settings)
-            b = torch.optim.SGD(theirs, foreach=False, **settings)
-            for _ in range(3):
-                for p, q in zip(ours, theirs):
-                    p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
-                    q.grad = p.grad.clone()
-                if not a._compiled_step(loop):
-                    return None
-                b.step()
-            if not all(torch.equal(p, q) for p, q in zip(ours, theirs)):
-                return None
-    return loop
 
 
 def _rounded(x: float, dtype: torch.dtype) -> float:
