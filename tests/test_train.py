@@ -331,3 +331,46 @@ def test_not_training_names_modules_that_cannot_change_a_trained_model():
             bad += [f"{f.relative_to(root)} imports {'.'.join(t)}" for t in targets
                     if len(t) == 1 and t[0] in outside]
     assert not bad, f"a training module imports one the model cache ignores: {bad}"
+
+
+def _package_modules() -> dict[str, "Path"]:
+    """The package's modules by dotted name (``lowbit.fqt.layers``), each with its file."""
+    from pathlib import Path
+    root = Path(cache.__file__).parent
+    found = {}
+    for f in sorted(root.rglob("*.py")):
+        parts = ("lowbit", *f.relative_to(root).with_suffix("").parts)
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return found
+
+
+def test_no_module_uses_another_modules_private_names():
+    """A name that starts with one underscore belongs to its module: no other module of the
+    package imports it (``from .quant import _x``) or reaches it through the module
+    (``recipes._x``). What several modules share is public in the module that owns it."""
+    import ast
+    modules, bad = _package_modules(), []
+    for name, f in modules.items():
+        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        owners = {}  # local names bound to a module of the package
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            if not source.startswith("lowbit"):
+                continue
+            for a in node.names:
+                if f"{source}.{a.name}" in modules:
+                    owners[a.asname or a.name] = f"{source}.{a.name}"
+                elif a.name[:1] == "_" and a.name[:2] != "__" and source != name:
+                    bad.append(f"{name} imports {source}.{a.name}")
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in owners and node.attr[:1] == "_" \
+                    and node.attr[:2] != "__" and owners[node.value.id] != name:
+                bad.append(f"{name} uses {owners[node.value.id]}.{node.attr}")
+    assert not bad, f"private names used outside their module: {bad}"

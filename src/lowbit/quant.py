@@ -69,7 +69,7 @@ def check_values(x: object, name: str = "tensor") -> torch.Tensor:
     return x
 
 
-def _finite_range(x: object, name: str = "tensor", dim: int | None = None
+def finite_range(x: object, name: str = "tensor", dim: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate ``x`` and return its (min, max): over the whole tensor, or per index
     along ``dim`` (shaped to broadcast against ``x``).
@@ -105,11 +105,11 @@ def _finite_range(x: object, name: str = "tensor", dim: int | None = None
 
 def check_tensor(x: object, name: str = "tensor") -> torch.Tensor:
     """Raise a ValueError unless ``x`` is a non-empty, finite floating-point tensor."""
-    _finite_range(x, name)
+    finite_range(x, name)
     return x
 
 
-def _check_rounding(rounding: str) -> None:
+def check_rounding(rounding: str) -> None:
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
 
@@ -128,7 +128,7 @@ def symmetric_scale(w: torch.Tensor, bits: int, per_channel: bool = False,
     so that it quantizes to zero instead of dividing by zero.
     """
     qmax = signed_levels(bits)
-    lo, hi = _finite_range(w, "w", axis if per_channel else None)
+    lo, hi = finite_range(w, "w", axis if per_channel else None)
     wmax = torch.maximum(-lo, hi)
     return torch.where(wmax > 0, wmax / qmax, torch.ones_like(wmax))
 
@@ -318,7 +318,7 @@ def quantize_symmetric(w: torch.Tensor, bits: int, per_channel: bool = False, ax
     :func:`symmetric_scale`. The steps after the division work in place on one
     buffer, so the quantizer costs little more than a copy of ``w``.
     """
-    _check_rounding(rounding)
+    check_rounding(rounding)
     qmax = signed_levels(bits)
     _check_codes_fit(w, qmax, bits)
     if delta is None:
@@ -339,7 +339,7 @@ def quantize_unsigned(x: torch.Tensor, bits: int, x_max: float | torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Unsigned activation quantizer after ReLU: Δa = x_max / (2^b - 1), range [0, x_max]."""
     check_tensor(x, "x")
-    _check_rounding(rounding)
+    check_rounding(rounding)
     levels = 2 ** check_bits(bits, 1, 32) - 1
     x_max = torch.as_tensor(x_max, dtype=x.dtype, device=x.device)
     if not torch.isfinite(x_max).all() or (x_max <= 0).any():
@@ -366,9 +366,9 @@ def quantize_asymmetric(x: torch.Tensor, bits: int, dim: int | None = None,
     index along dimension ``d`` (per sample for ``d=0``). The range is widened to
     include 0 and the zero point is an integer, so zero is exactly representable.
     """
-    _check_rounding(rounding)
+    check_rounding(rounding)
     big_b = 2 ** check_bits(bits, 1, 32) - 1
-    lo, hi = _finite_range(x, "x", dim)
+    lo, hi = finite_range(x, "x", dim)
     lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
     delta = (hi - lo) / big_b
     delta = torch.where(delta > 0, delta, torch.ones_like(delta))
@@ -407,7 +407,7 @@ def quantize_even(w: torch.Tensor, bits: int, per_channel: bool = False,
     """The 2^b evenly spaced levels of SLB's value set, α·{-1, …, +1} with α = max|w|
     (no zero level; 1 bit: ±max|w|). Nearest rounding, dequantized."""
     m = 2 ** check_bits(bits, 1, 16) - 1  # number of gaps between the 2^b levels
-    lo, hi = _finite_range(w, "w", axis if per_channel else None)
+    lo, hi = finite_range(w, "w", axis if per_channel else None)
     alpha = torch.maximum(-lo, hi)  # 0 for an all-zero tensor (or channel): every level is 0
     safe = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
     k = torch.round((w.detach() / safe + 1) * (m / 2)).clamp_(0, m)
@@ -583,7 +583,7 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -612,7 +612,7 @@ def replace_layers(model: nn.Module, make: Callable[[str, nn.Module], nn.Module 
         ref = next(iter(m.parameters()), None)
         if ref is not None:
             new = new.to(ref.device)
-        _set_module(model, name, new)
+        set_module(model, name, new)
     return model
 
 
@@ -638,7 +638,7 @@ def _replace_relus(model: nn.Module, act_bits: int, from_bn: bool, n_sigma: floa
                     raise ValueError(f"ReLU {name!r} has no BatchNorm before it; use "
                                      "act_range='calibrate' with calibration data")
                 x_max = (last_bn.bias + n_sigma * last_bn.weight.abs()).max().clamp(min=0).item()
-            _set_module(model, name, nn.Sequential(nn.ReLU(), ActQuant(act_bits, x_max)))
+            set_module(model, name, nn.Sequential(nn.ReLU(), ActQuant(act_bits, x_max)))
 
 
 # ----------------------------------------------------------------------------- model level

@@ -653,7 +653,7 @@ def train_lowbit(r: Recipe, cfg: LowBitConfig, progress: bool = True
             fp, h = train_fp(r_start, progress=progress)
             start = quant.prepare_qat(fp, cfg.weight_bits, cfg.act_bits) \
                 if cfg.weights == "ste" else fp
-            _load_unwrapped(model, start.state_dict())
+            load_unwrapped(model, start.state_dict())
             opt, _ = lowbit_optimizer(model, r, cfg)
             seed_everything(r.seed)
             h = fit(model, train_loader, rest, opt, test_loader, progress=progress,
@@ -665,7 +665,7 @@ def train_lowbit(r: Recipe, cfg: LowBitConfig, progress: bool = True
     return load_or_train(config, make, run)
 
 
-def _load_unwrapped(model: nn.Module, state: dict) -> None:
+def load_unwrapped(model: nn.Module, state: dict) -> None:
     """Load ``state``, saved from the same model without :class:`lowbit.fqt.QuantizedBackward`
     wrappers, into ``model``: a wrapped layer's entries live under ``….layer.``; the
     wrappers' own settings (their extra state) stay as they are."""

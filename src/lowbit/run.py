@@ -338,7 +338,7 @@ def _make_phase(index: int, cfg: RunConfig, lb: recipes.LowBitConfig, data: _Dat
         if previous is not None:  # the low-bit phase starts where SGD ended
             start = quant.prepare_qat(previous, lb.weight_bits, lb.act_bits) \
                 if lb.weights == "ste" else previous
-            recipes._load_unwrapped(model, start.state_dict())
+            recipes.load_unwrapped(model, start.state_dict())
     seed_everything(cfg.seed)  # as the book does before each phase's training
     return _Phase(name, epochs, model, cfg, lb, steps, where)
 

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..quant import _finite_range, check_bits, signed_levels
+from ..quant import finite_range, check_bits, signed_levels
 
 __all__ = ["laplace_clip", "GRIDS", "aciq_quantize", "bias_correct"]
 
@@ -75,7 +75,7 @@ def aciq_quantize(w: torch.Tensor, bits: int, per_channel: bool = True,
     clip at α = :func:`laplace_clip`·b (never beyond max|w|), round to the symmetric grid
     over [−α, α], then (``correct_bias``) :func:`bias_correct`. Dequantized."""
     bits = check_bits(bits, 2, 16)
-    lo, hi = _finite_range(w, "w", axis if per_channel else None)
+    lo, hi = finite_range(w, "w", axis if per_channel else None)
     w_ = w.detach()
     if per_channel:
         dims = [d for d in range(w.dim()) if d != axis % w.dim()]

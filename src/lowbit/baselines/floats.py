@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import _finite_range, check_bits
+from ..quant import finite_range, check_bits
 
 __all__ = ["adaptivfloat_values", "quantize_adaptivfloat"]
 
@@ -44,7 +44,7 @@ def quantize_adaptivfloat(w: torch.Tensor, bits: int, exp_bits: int | None = Non
         bits = check_bits(bits, 2, 16)
         candidates = [quantize_adaptivfloat(w, bits, e) for e in range(1, bits)]
         return min(candidates, key=lambda q: float((q - w.detach()).pow(2).sum()))
-    lo, hi = _finite_range(w, "w")
+    lo, hi = finite_range(w, "w")
     values = adaptivfloat_values(float(torch.maximum(-lo, hi)), bits, exp_bits).to(w.device)
     a = w.detach().abs()
     i = torch.bucketize(a, values).clamp(1, len(values) - 1) if len(values) > 1 else \

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..quant import (check_bits, check_extra_state, check_step, check_tensor, layer_bits,
-                     quantizable_layers, replace_layers, _set_module)
+                     quantizable_layers, replace_layers, set_module)
 
 __all__ = ["LSQFunction", "lsq_quantize", "lsq_range", "initial_step", "LSQConv2d",
            "LSQLinear", "LSQAct", "prepare_lsq", "STEP_INITS"]
@@ -195,5 +195,5 @@ def prepare_lsq(model: nn.Module, weight_bits: int, act_bits: int | None = None,
     if act_bits is not None:
         for name, m in list(model.named_modules()):
             if isinstance(m, nn.ReLU):
-                _set_module(model, name, nn.Sequential(nn.ReLU(), LSQAct(act_bits)))
+                set_module(model, name, nn.Sequential(nn.ReLU(), LSQAct(act_bits)))
     return model

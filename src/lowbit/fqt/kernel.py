@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..quant import DITHER_BITS, DITHER_HALF, dither, random_seed, splitmix64_word
-from .quantizers import _SCOPE, _check_finite, _min_span, bhq_plan, grid, reflect
+from .quantizers import SCOPE, check_finite_range, min_span, bhq_plan, grid, reflect
 
 __all__ = ["Workspace", "round_row", "round_columns", "order_key", "row_ranges",
            "column_ranges", "column_block", "scales_loop", "sr_loop", "compiled",
@@ -263,13 +263,13 @@ def _loop_args(x: torch.Tensor, copies: tuple[tuple[int, str], ...], work: Works
     the workspace keeps; per tensor, :func:`grid` finds the range now."""
     args = []
     for bits, how in copies:
-        scope = _SCOPE.get(how, how)
+        scope = SCOPE.get(how, how)
         if scope in ("row", "column"):
             lo, hi = work.ranges(scope, len(args))
         else:
             lo, hi = (t.reshape(1).numpy() for t in grid(x, scope, bits))
         args.append((2 ** bits - 1, _SCOPES[scope], lo, hi,
-                     np.float32(_min_span(bits, x.dtype))))
+                     np.float32(min_span(bits, x.dtype))))
     if len(copies) == 1:
         args.append((0,) + args[0][1:])
     loop = compiled_serial if x.numel() < SERIAL_BELOW else compiled
@@ -285,7 +285,7 @@ def _round(x: torch.Tensor, copies: tuple[tuple[int, str], ...], seed: np.uint64
     call = work.calls.get(key)
     if call is None:
         call = _loop_args(x, copies, work, outs)
-        if all(_SCOPE.get(how, how) in ("row", "column") for _, how in copies):
+        if all(SCOPE.get(how, how) in ("row", "column") for _, how in copies):
             work.calls[key] = call  # no per-tensor range: the same arguments every call
     loop, args = call
     xn = x.numpy()
@@ -297,10 +297,10 @@ def _name_bad_range(x: torch.Tensor, copies: tuple[tuple[int, str], ...]) -> Non
     """Raise the ValueError that :func:`grid` raises for a NaN, an inf or an overflowing
     range in ``x`` (:func:`sr_loop` found one)."""
     for bits, how in copies:
-        scope = _SCOPE.get(how, how)
+        scope = SCOPE.get(how, how)
         if scope in ("row", "column"):
             dim = 1 if scope == "row" else 0
-            _check_finite(x, x.amin(dim), x.amax(dim), "gradient")
+            check_finite_range(x, x.amin(dim), x.amax(dim), "gradient")
     raise AssertionError("sr_loop found a range that is not finite")  # pragma: no cover
 
 

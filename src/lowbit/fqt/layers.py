@@ -71,7 +71,7 @@ class FQTFunction(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-class _FQTLayer:
+class FQTLayer:
     """Shared settings of the QAT/FQT layers, kept in the state dict (the generator is not:
     set it again with :func:`configure`)."""
 
@@ -106,7 +106,7 @@ class _FQTLayer:
                                        f"grad_bits={self.grad_bits}")
 
 
-class FQTLinear(_FQTLayer, nn.Linear):
+class FQTLinear(FQTLayer, nn.Linear):
     """Linear layer with 8-bit forward and a QAT or FQT backward."""
 
     def __init__(self, *args, mode: str = "fqt", quantizer: str = "psq", grad_bits: int = 8,
@@ -130,7 +130,7 @@ class FQTLinear(_FQTLayer, nn.Linear):
         return FQTFunction.apply(x, self.weight, self.bias, self)
 
 
-class FQTConv2d(_FQTLayer, nn.Conv2d):
+class FQTConv2d(FQTLayer, nn.Conv2d):
     """Conv2d with 8-bit forward and a QAT or FQT backward."""
 
     def __init__(self, *args, mode: str = "fqt", quantizer: str = "psq", grad_bits: int = 8,
@@ -156,7 +156,7 @@ class FQTConv2d(_FQTLayer, nn.Conv2d):
         return FQTFunction.apply(x, self.weight, self.bias, self)
 
 
-class QuantizedBackward(_FQTLayer, nn.Module):
+class QuantizedBackward(FQTLayer, nn.Module):
     """FQT's backward for any layer whose forward is ``op(x, weight) + bias``: a conv or
     linear layer, an STE-QAT layer (its fake-quantized weight), an SLB layer (its expected
     or discrete weight). The forward is the wrapped layer's, unchanged (activations are
@@ -228,13 +228,13 @@ def wrap(model: nn.Module, quantizer: str = "psq", grad_bits: int = 8,
 
 def fqt_layers(module: nn.Module) -> list[nn.Module]:
     """The QAT/FQT layers in ``module`` (or the layer itself)."""
-    return [module] if isinstance(module, _FQTLayer) else \
-        [m for m in module.modules() if isinstance(m, _FQTLayer)]
+    return [module] if isinstance(module, FQTLayer) else \
+        [m for m in module.modules() if isinstance(m, FQTLayer)]
 
 
 def fqt_layer_names(module: nn.Module) -> list[str]:
     """The names of the QAT/FQT layers in ``module``, in registration (forward) order."""
-    return [n for n, m in module.named_modules() if isinstance(m, _FQTLayer)]
+    return [n for n, m in module.named_modules() if isinstance(m, FQTLayer)]
 
 
 def check_settings(mode: str | None = None, quantizer: str | None = None,

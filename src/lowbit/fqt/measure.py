@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..train import loss_and_correct
-from .layers import _FQTLayer, configure, fqt_layer_names
-from .quantizers import _SCOPE, as_rows, check_grad_bits, check_quantizer, grid, \
+from .layers import FQTLayer, configure, fqt_layer_names
+from .quantizers import SCOPE, as_rows, check_grad_bits, check_quantizer, grid, \
     rows_on_grid, sr_codes
 from ..quant import dither
 
@@ -50,7 +50,7 @@ def variance_bound(g: torch.Tensor, bits: int, quantizer: str = "pt") -> float:
     b = check_grad_bits(bits)
     if quantizer not in ("pt", "pt_minmax", "psq"):
         raise ValueError(f"the bound is for 'pt', 'pt_minmax' or 'psq', got {quantizer!r}")
-    span = grid(x, _SCOPE[quantizer], b)[1]
+    span = grid(x, SCOPE[quantizer], b)[1]
     return float((x.shape[1] * span.expand(x.shape[0], 1) ** 2).sum()) / (4 * (2 ** b - 1) ** 2)
 
 
@@ -81,7 +81,7 @@ def output_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     grads: dict[str, torch.Tensor] = {}
     hooks = [m.register_full_backward_hook(
         lambda mod, gin, gout, name=n: grads.__setitem__(name, gout[0].detach().clone()))
-        for n, m in model.named_modules() if isinstance(m, _FQTLayer)]
+        for n, m in model.named_modules() if isinstance(m, FQTLayer)]
     try:
         with _settings_kept(model), _training_pass(model), warnings.catch_warnings():
             configure(model, mode="qat")
@@ -102,7 +102,7 @@ def layer_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[
         model.zero_grad(set_to_none=True)
         loss_and_correct(model(x), y)[0].backward()
     return {n: m.weight.grad.detach().clone() for n, m in model.named_modules()
-            if isinstance(m, _FQTLayer)}
+            if isinstance(m, FQTLayer)}
 
 
 def _check_draws(draws: object) -> int:
@@ -114,7 +114,7 @@ def _check_draws(draws: object) -> int:
 @contextlib.contextmanager
 def _settings_kept(model: nn.Module) -> Iterator[list]:
     """Within the block the FQT layers' settings may change; they are restored after it."""
-    layers = [m for m in model.modules() if isinstance(m, _FQTLayer)]
+    layers = [m for m in model.modules() if isinstance(m, FQTLayer)]
     saved = [(m.mode, m.quantizer, m.grad_bits, m.generator) for m in layers]
     try:
         yield layers
@@ -158,7 +158,7 @@ def propagation_gain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: s
     layers below, through QAT's backward, BatchNorm in training mode). Theorem 2 bounds a
     layer's share of the gradient variance by λ_max(γᵀγ) times the variance of its
     quantized ∇H. Power iteration, ``iters`` steps (γᵀ by double backward)."""
-    layers = dict((n, m) for n, m in model.named_modules() if isinstance(m, _FQTLayer))
+    layers = dict((n, m) for n, m in model.named_modules() if isinstance(m, FQTLayer))
     if name not in layers:
         raise ValueError(f"no FQT layer {name!r}; the model has {sorted(layers)}")
     weights = [m.weight for m in layers.values()]

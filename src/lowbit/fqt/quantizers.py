@@ -38,7 +38,7 @@ QUANTIZERS = ("pt", "psq", "bhq")
 PT_VARIANTS = ("pt_minmax",)
 _ALL = QUANTIZERS + PT_VARIANTS
 #: The grid each quantizer puts on the rows (BHQ: on the transformed rows).
-_SCOPE = {"pt": "tensor", "pt_minmax": "tensor_minmax", "psq": "row", "bhq": "row"}
+SCOPE = {"pt": "tensor", "pt_minmax": "tensor_minmax", "psq": "row", "bhq": "row"}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -67,7 +67,7 @@ def as_rows(g: object, name: str = "gradient") -> torch.Tensor:
     return g.detach().reshape(g.shape[0], -1)
 
 
-def _check_finite(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, name: str) -> None:
+def check_finite_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, name: str) -> None:
     """NaN and ±inf reach the minimum or maximum; so does an overflow of hi − lo (±3e38),
     which is reported as a range too wide for the dtype."""
     if not math.isfinite(float((hi - lo).amax())):
@@ -103,7 +103,7 @@ def zero_code_grid(lo: float, hi: float, bits: int) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=None)
-def _min_span(bits: int, dtype: torch.dtype) -> float:
+def min_span(bits: int, dtype: torch.dtype) -> float:
     """The narrowest span a grid keeps (:func:`grid`): B times the dtype's smallest normal."""
     return (2 ** bits - 1) * torch.finfo(dtype).tiny
 
@@ -115,10 +115,10 @@ def grid(x: torch.Tensor, scope: str, bits: int, name: str = "gradient"
     or ``"column"`` (one per feature). Shaped to broadcast against ``x``; finiteness
     checked. A span below B times the dtype's smallest normal (an all-zero row, say) is
     raised to it, so rounding and dequantization use the same step."""
-    tiny = _min_span(bits, x.dtype)
+    tiny = min_span(bits, x.dtype)
     if scope in ("tensor", "tensor_minmax"):
         lo, hi = torch.aminmax(x)
-        _check_finite(x, lo, hi, name)
+        check_finite_range(x, lo, hi, name)
         if scope == "tensor":  # one range: plain floats cost less than ten tiny tensors
             low, span = zero_code_grid(float(lo), float(hi), bits)
             return (torch.tensor(low, dtype=x.dtype, device=x.device),
@@ -127,7 +127,7 @@ def grid(x: torch.Tensor, scope: str, bits: int, name: str = "gradient"
     if scope in ("row", "column"):  # (amin and amax separately: aminmax along a dim is slow)
         dim = 1 if scope == "row" else 0
         lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-        _check_finite(x, lo, hi, name)
+        check_finite_range(x, lo, hi, name)
         return lo, (hi - lo).clamp_(min=tiny)
     raise ValueError(f"scope must be 'tensor', 'tensor_minmax', 'row' or 'column', "
                      f"got {scope!r}")
@@ -222,7 +222,7 @@ def bhq_plan(x: torch.Tensor, n_groups: int | None = None) -> BHQPlan:
     ``n_groups`` leaders; None: the official rule (``_official_leaders``)."""
     n = x.shape[0]
     lo, hi = x.amin(1), x.amax(1)
-    _check_finite(x, lo, hi, "gradient")
+    check_finite_range(x, lo, hi, "gradient")
     rng = (hi - lo).double().cpu().numpy()  # (NumPy: one entry per sample; fast on these)
     order = np.argsort(-rng, kind="stable")
     values = rng[order]
@@ -342,7 +342,7 @@ def rows_on_grid(x: torch.Tensor, how: str, bits: int, n_groups: int | None = No
         plan = bhq_plan(x, n_groups)
         y = reflect(x * plan.scale.unsqueeze(1), plan)
         return (y, *grid(y, "row", bits), plan)
-    return (x, *grid(x, _SCOPE.get(how, how), bits), None)
+    return (x, *grid(x, SCOPE.get(how, how), bits), None)
 
 
 def quantize_copies(x: torch.Tensor, copies: tuple[tuple[int, str], ...],

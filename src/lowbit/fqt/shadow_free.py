@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 
 from ..optim import checked_gradients, run_closure
-from ..quant import _check_rounding, check_bits, dither, signed_levels
+from ..quant import check_rounding, check_bits, dither, signed_levels
 
 __all__ = ["GridSGD", "on_grid"]
 
@@ -47,7 +47,7 @@ class GridSGD(torch.optim.Optimizer):
             raise ValueError(f"lr must be positive, got {lr!r}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
-        _check_rounding(rounding)
+        check_rounding(rounding)
         if bits is not None:
             check_bits(bits, 2, 16)
         super().__init__(params, dict(lr=lr, bits=bits, weight_decay=weight_decay,
@@ -55,7 +55,7 @@ class GridSGD(torch.optim.Optimizer):
         for g in self.param_groups:
             if g["bits"] is not None:
                 check_bits(g["bits"], 2, 16)
-                _check_rounding(g["rounding"])
+                check_rounding(g["rounding"])
         self.generator = generator
         self.small_updates, self.updates = 0, 0
 
