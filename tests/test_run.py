@@ -36,6 +36,8 @@ def _cli(args, tmp_path, env=None, launcher=None):
 def test_every_method_runs_on_the_packaged_data(method, extra, tmp_path, data_home):
     result = run.main(["--method", method, *extra, *QUICK, "--out", str(tmp_path / "out")])
     assert result["deployed_acc"] > 20 and result["epochs"] == 2  # chance is 10%
+    # its training steps' throughput, which python -m lowbit.bench cli sets against a bare loop
+    assert 0 < result["train_images_per_second"] < float("inf")
     rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[-1]["test_acc"]) > 20
     state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)

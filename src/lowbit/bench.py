@@ -23,7 +23,7 @@ import torch
 
 from .quant import quantize_symmetric
 
-__all__ = ["median_time", "ratio", "train_step", "bench_fake_quant", "BENCHMARKS",
+__all__ = ["median_time", "ratio", "train_step", "bench_fake_quant", "bench_cli", "BENCHMARKS",
            "run_benchmarks", "median_of", "main"]
 
 
@@ -188,9 +188,78 @@ def bench_fqt(grad_bits: int = 4) -> dict[str, float]:
     return out
 
 
+def bench_cli(epochs: int = 2, pairs: int = 5) -> dict[str, float]:
+    """The command line's training throughput (the images per second of ``python -m
+    lowbit.run``'s training steps, as its result reports them: a run of ``epochs``, its
+    evaluation and checkpoints after each epoch not counted) over a bare PyTorch loop's
+    (``for x, y in batches: loss.backward(); opt.step()``) on the same model, data, batch
+    and optimizer, at full precision and with STE-QAT (4-bit weights, after an epoch of
+    SGD) on the book's CNN and its MNIST digits. 1.0: the command line's loop costs nothing
+    over the bare one."""
+    import contextlib
+    import io
+    import tempfile
+
+    from . import run
+    from .models import build_model
+    from .quant import prepare_qat
+    if epochs < 2:
+        raise ValueError(f"epochs must be at least 2 (STE-QAT starts after SGD), got {epochs}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for method in ("fp", "ste"):
+            # STE-QAT: one epoch of SGD, then STE-QAT from there (as the command line runs)
+            cfg = run.RunConfig(method=method, weight_bits=4, data="mnist", model="cnn",
+                                epochs=epochs, start_epochs=epochs // 2, batch_size=64,
+                                out=folder, device=device, progress=False, restart=True)
+            phases = [(False, epochs)] if method == "fp" else \
+                [(False, epochs // 2), (True, epochs - epochs // 2)]
+            data = run.load_data(cfg)
+            x_all, y_all = (t.to(device) for t in data.train)
+
+            def cli() -> float:
+                with contextlib.redirect_stdout(io.StringIO()):  # its closing line
+                    return run.train(cfg)["train_images_per_second"]
+
+            def bare() -> float:
+                torch.manual_seed(0)
+                model = build_model("cnn", data.input_shape).to(device)
+                seen, seconds = 0, 0.0
+                for qat, n in phases:
+                    if qat:
+                        model = prepare_qat(model, 4)
+                    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr,
+                                          momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+                    for _ in range(n):
+                        t0 = time.perf_counter()
+                        order = torch.randperm(len(y_all), device=device)
+                        for i in range(0, len(y_all), cfg.batch_size):
+                            idx = order[i:i + cfg.batch_size]
+                            loss = torch.nn.functional.cross_entropy(model(x_all[idx]),
+                                                                     y_all[idx])
+                            opt.zero_grad()
+                            loss.backward()
+                            opt.step()
+                        _sync()
+                        seconds += time.perf_counter() - t0
+                        seen += len(y_all)
+                return seen / seconds
+
+            # the command line's images per second over the loop's: each pair run back to
+            # back, in alternating order, after one run of each (as :func:`ratio` does)
+            cli(), bare()
+            pairs_ = [(cli(), bare()) if i % 2 == 0 else tuple(reversed((bare(), cli())))
+                      for i in range(pairs)]
+            out[f"cli_throughput_vs_loop_{method}"] = statistics.median(
+                c / b for c, b in pairs_)
+    return out
+
+
 #: The benchmarks by name, each returning its ratios (``python -m lowbit.bench NAME``).
 BENCHMARKS: dict[str, Callable[[], dict[str, float]]] = {
-    "fake_quant": bench_fake_quant, "psgd": bench_psgd, "slb": bench_slb, "fqt": bench_fqt}
+    "fake_quant": bench_fake_quant, "psgd": bench_psgd, "slb": bench_slb, "fqt": bench_fqt,
+    "cli": bench_cli}
 
 
 def run_benchmarks(names: list[str]) -> dict[str, float]:
