@@ -374,3 +374,15 @@ def test_no_module_uses_another_modules_private_names():
                     and node.attr[:2] != "__" and owners[node.value.id] != name:
                 bad.append(f"{name} uses {owners[node.value.id]}.{node.attr}")
     assert not bad, f"private names used outside their module: {bad}"
+
+
+def test_no_function_of_the_package_is_longer_than_60_lines():
+    """Each function does one job that a reader takes in at once: none of the package's
+    functions or methods (docstring included) runs past 60 lines."""
+    import ast
+    long = [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for name, f in _package_modules().items()
+            for node in ast.walk(ast.parse(f.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > 60]
+    assert not long, long

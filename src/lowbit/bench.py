@@ -188,6 +188,36 @@ def bench_fqt(grad_bits: int = 4) -> dict[str, float]:
     return out
 
 
+def _bare_loop(input_shape: tuple[int, ...], phases: list[tuple[bool, int]],
+               x_all: torch.Tensor, y_all: torch.Tensor, cfg) -> float:
+    """Images per second of a bare PyTorch loop training the book's CNN on ``x_all``,
+    ``y_all`` with ``cfg``'s batch and SGD settings, through ``phases`` of (STE-QAT at 4
+    bits?, epochs): the loop :func:`bench_cli` holds the command line against."""
+    from .models import build_model
+    from .quant import prepare_qat
+    torch.manual_seed(0)
+    model = build_model("cnn", input_shape).to(x_all.device)
+    seen, seconds = 0, 0.0
+    for qat, epochs in phases:
+        if qat:
+            model = prepare_qat(model, 4)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+        for _ in range(epochs):
+            t0 = time.perf_counter()
+            order = torch.randperm(len(y_all), device=x_all.device)
+            for i in range(0, len(y_all), cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            _sync()
+            seconds += time.perf_counter() - t0
+            seen += len(y_all)
+    return seen / seconds
+
+
 def bench_cli(epochs: int = 2, pairs: int = 5) -> dict[str, float]:
     """The command line's training throughput (the images per second of ``python -m
     lowbit.run``'s training steps, as its result reports them: a run of ``epochs``, its
@@ -201,8 +231,6 @@ def bench_cli(epochs: int = 2, pairs: int = 5) -> dict[str, float]:
     import tempfile
 
     from . import run
-    from .models import build_model
-    from .quant import prepare_qat
     if epochs < 2:
         raise ValueError(f"epochs must be at least 2 (STE-QAT starts after SGD), got {epochs}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -223,28 +251,7 @@ def bench_cli(epochs: int = 2, pairs: int = 5) -> dict[str, float]:
                     return run.train(cfg)["train_images_per_second"]
 
             def bare() -> float:
-                torch.manual_seed(0)
-                model = build_model("cnn", data.input_shape).to(device)
-                seen, seconds = 0, 0.0
-                for qat, n in phases:
-                    if qat:
-                        model = prepare_qat(model, 4)
-                    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr,
-                                          momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-                    for _ in range(n):
-                        t0 = time.perf_counter()
-                        order = torch.randperm(len(y_all), device=device)
-                        for i in range(0, len(y_all), cfg.batch_size):
-                            idx = order[i:i + cfg.batch_size]
-                            loss = torch.nn.functional.cross_entropy(model(x_all[idx]),
-                                                                     y_all[idx])
-                            opt.zero_grad()
-                            loss.backward()
-                            opt.step()
-                        _sync()
-                        seconds += time.perf_counter() - t0
-                        seen += len(y_all)
-                return seen / seconds
+                return _bare_loop(data.input_shape, phases, x_all, y_all, cfg)
 
             # the command line's images per second over the loop's: each pair run back to
             # back, in alternating order, after one run of each (as :func:`ratio` does)

@@ -488,8 +488,7 @@ def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) 
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {where.world} processes")
     batches = [b for b in range(0, n, cfg.batch_size) if n - b >= where.world]
     steps = len(batches)
-    phases = _phases(lb)
-    starts = np.cumsum([0] + [e for _, e in phases])  # first epoch of each phase
+    starts = np.cumsum([0] + [e for _, e in _phases(lb)])  # first epoch of each phase
     state = _load_checkpoint(out / CHECKPOINT, cfg, lb)
     history, epoch, index = History(), 0, 0
     if state is not None:  # the phase it was written in; the loop moves on from there
@@ -502,8 +501,7 @@ def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) 
         if lead:
             print(f"resuming {out / CHECKPOINT}: {epoch} of {lb.epochs} epochs done")
     clock = time.perf_counter()
-    stepping, trained = 0.0, 0.0  # seconds in the training steps, and their images (here)
-    kill_at = int(os.environ.get("LOWBIT_RUN_KILL_AT_STEP", "0"))  # tests: a kill mid-epoch
+    speed = [0.0, 0.0]  # seconds in the training steps, and their images (this process)
     bar = tqdm(total=lb.epochs * steps, initial=epoch * steps, disable=not (lead and cfg.progress),
                desc=f"{cfg.method} {lb.name}", unit="step")
     while epoch < lb.epochs:
@@ -511,40 +509,8 @@ def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) 
             index += 1
             phase = _make_phase(index, cfg, lb, data, steps, where, phase.model)
         order = _epoch_order(n, cfg.seed, epoch - int(starts[index]))
-        phase.ddp.train()
-        loss_sum = correct = seen = 0.0
-        started = time.perf_counter()
-        for i, b in enumerate(batches):
-            idx = order[b:b + cfg.batch_size]
-            mine = idx.tensor_split(where.world)[where.rank]
-            x, y = (t.to(where.device) for t in _Data.fetch(data.train, mine))
-            logits = phase.ddp(x)
-            if where.world == 1:  # the mean, as lowbit.train.fit takes it: the book's run exactly
-                loss = cross_entropy(logits, y)
-                scaled, loss_total = loss, loss.item() * len(y)
-            else:  # this share's sum, scaled so that DDP's average is the global batch's mean
-                loss = cross_entropy(logits, y, reduction="sum")
-                scaled, loss_total = loss * (where.world / len(idx)), loss.item()
-            if not torch.isfinite(loss):
-                raise diverged(epoch + 1, i, loss, x)
-            phase.optimizer.zero_grad(set_to_none=True)
-            scaled.backward()
-            phase.optimizer.step()
-            phase.schedule.step()
-            if phase.after is not None:  # SLB's second pass for the discrete statistics
-                phase.after(x)
-            if phase.annealer is not None:
-                phase.annealer.step()
-            loss_sum += loss_total
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            bar.update(1)
-            if kill_at and epoch * steps + i + 1 == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-        _sync(where)
-        stepping += time.perf_counter() - started
-        trained += seen
-        loss_sum, correct, seen = where.sum(loss_sum, correct, seen)
+        loss_sum, correct, seen = _train_epoch(phase, data, batches, order, cfg, where, epoch,
+                                               bar, speed)
         test_loss, test_acc = _evaluate(phase.model, data, where)
         history.log(train_loss=loss_sum / seen, train_acc=100.0 * correct / seen,
                     test_loss=test_loss, test_acc=test_acc)
@@ -561,14 +527,66 @@ def _train(cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data, where: _Dist) 
             write_entry(out / CHECKPOINT, payload.getvalue(), strict=True)
             _write_csv(out / "metrics.csv", history)
     bar.close()
-    deployed = recipes.deploy(phase.model, lb)
+    return _finish(phase.model, cfg, lb, data, where, history,
+                   {"seconds": time.perf_counter() - clock,
+                    # this process's training steps alone (no evaluation or checkpoint)
+                    "train_images_per_second": speed[1] / speed[0] if speed[0] else 0.0})
+
+
+def _train_epoch(phase: _Phase, data: _Data, batches: list[int], order: torch.Tensor,
+                 cfg: RunConfig, where: _Dist, epoch: int, bar, speed: list[float]
+                 ) -> tuple[float, float, float]:
+    """One epoch of ``phase`` over the global batches starting at ``batches`` in ``order``,
+    each process taking its share; the loss sum, correct count and images of every process
+    (and this process's seconds and images added to ``speed``)."""
+    kill_at = int(os.environ.get("LOWBIT_RUN_KILL_AT_STEP", "0"))  # tests: a kill mid-epoch
+    phase.ddp.train()
+    loss_sum = correct = seen = 0.0
+    started = time.perf_counter()
+    for i, b in enumerate(batches):
+        idx = order[b:b + cfg.batch_size]
+        mine = idx.tensor_split(where.world)[where.rank]
+        x, y = (t.to(where.device) for t in _Data.fetch(data.train, mine))
+        logits = phase.ddp(x)
+        if where.world == 1:  # the mean, as lowbit.train.fit takes it: the book's run exactly
+            loss = cross_entropy(logits, y)
+            scaled, loss_total = loss, loss.item() * len(y)
+        else:  # this share's sum, scaled so that DDP's average is the global batch's mean
+            loss = cross_entropy(logits, y, reduction="sum")
+            scaled, loss_total = loss * (where.world / len(idx)), loss.item()
+        if not torch.isfinite(loss):
+            raise diverged(epoch + 1, i, loss, x)
+        phase.optimizer.zero_grad(set_to_none=True)
+        scaled.backward()
+        phase.optimizer.step()
+        phase.schedule.step()
+        if phase.after is not None:  # SLB's second pass for the discrete statistics
+            phase.after(x)
+        if phase.annealer is not None:
+            phase.annealer.step()
+        loss_sum += loss_total
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.update(1)
+        if kill_at and epoch * len(batches) + i + 1 == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    _sync(where)
+    speed[0] += time.perf_counter() - started
+    speed[1] += seen
+    return tuple(where.sum(loss_sum, correct, seen))
+
+
+def _finish(model: nn.Module, cfg: RunConfig, lb: recipes.LowBitConfig, data: _Data,
+            where: _Dist, history: History, timing: dict) -> dict:
+    """Deploy the trained ``model`` (its low-bit form), measure it, write ``model.pt`` (rank
+    0) and return the run's result."""
+    out = Path(cfg.out)
+    deployed = recipes.deploy(model, lb)
     _, deployed_acc = _evaluate(deployed, data, where)
     result = {"method": cfg.method, "setting": lb.name, "epochs": lb.epochs,
               "processes": where.world, "test_acc": history.test_acc[-1],
-              "deployed_acc": deployed_acc, "seconds": time.perf_counter() - clock,
-              # this process's training steps alone (no evaluation or checkpoint)
-              "train_images_per_second": trained / stepping if stepping else 0.0}
-    if lead:
+              "deployed_acc": deployed_acc, **timing}
+    if where.rank == 0:
         tmp = out / f".model.pt.{os.getpid()}.tmp"  # a plain torch file, written atomically
         try:
             torch.save(deployed.state_dict(), tmp)
