@@ -221,3 +221,21 @@ def test_edge_cases_with_right_answers():
     # a one-element tensor is a range; 0 is one (a ReLU that never fires)
     assert float(Q.ActQuant(4, x_max=torch.tensor(2.0)).x_max) == 2.0
     assert torch.equal(Q.ActQuant(4, x_max=0.0).eval()(torch.ones(3)), torch.zeros(3))
+
+
+def test_clone_layer_keeps_the_shape_and_settings_of_the_layer():
+    """clone_layer rebuilds a conv or linear layer in another form (QAT, LSQ, FQT, SLB, and
+    back): every setting that shapes its output kept, the padding mode included, and a
+    layer it cannot rebuild named."""
+    conv = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2, bias=False,
+                           padding_mode="reflect")
+    new = Q.clone_layer(conv, Q.QuantConv2d, weight_bits=3)
+    assert isinstance(new, Q.QuantConv2d) and new.weight_bits == 3
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                 "groups", "padding_mode"):
+        assert getattr(new, name) == getattr(conv, name), name
+    assert new.bias is None and new.weight.shape == conv.weight.shape
+    lin = Q.clone_layer(torch.nn.Linear(5, 3), linear=Q.QuantLinear, weight_bits=2)
+    assert isinstance(lin, Q.QuantLinear) and lin.weight.shape == (3, 5) and lin.bias is not None
+    with pytest.raises(TypeError, match="conv or a linear layer, got BatchNorm2d"):
+        Q.clone_layer(torch.nn.BatchNorm2d(3))

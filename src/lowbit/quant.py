@@ -36,7 +36,7 @@ __all__ = [
     "quantize_activations", "quantize_unsigned", "quantize_asymmetric",
     "FakeQuantSTE", "fake_quantize_ste", "QuantConv2d", "QuantLinear", "ActQuant",
     "prepare_qat", "quantize_model", "quantizable_layers", "layer_bits", "model_size_bits", "average_weight_bits", "quantization_mse",
-    "replace_layers",
+    "replace_layers", "clone_layer",
 ]
 
 
@@ -616,6 +616,24 @@ def replace_layers(model: nn.Module, make: Callable[[str, nn.Module], nn.Module 
     return model
 
 
+def clone_layer(m: nn.Module, conv: Callable[..., nn.Module] = nn.Conv2d,
+                linear: Callable[..., nn.Module] = nn.Linear, **kw) -> nn.Module:
+    """A new layer shaped as ``m``: ``conv(...)`` with a conv layer's channels, kernel,
+    stride, padding, dilation, groups and bias (and its padding mode where it is not
+    zeros), or ``linear(...)`` with a linear layer's features and bias, ``kw`` passed on.
+    ``m`` is an ``nn.Conv2d``/``nn.Linear`` or a layer that keeps the same attributes (SLB's);
+    the new layer has its own new parameters (the caller, or :func:`replace_layers`, copies
+    what it keeps). The one way the package rebuilds a layer in another form."""
+    if hasattr(m, "in_channels"):
+        if getattr(m, "padding_mode", "zeros") != "zeros":
+            kw = {"padding_mode": m.padding_mode, **kw}
+        return conv(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                    m.dilation, m.groups, m.bias is not None, **kw)
+    if hasattr(m, "in_features"):
+        return linear(m.in_features, m.out_features, m.bias is not None, **kw)
+    raise TypeError(f"clone_layer takes a conv or a linear layer, got {type(m).__name__}")
+
+
 def layer_bits(index: int, count: int, bits: int, first_last_bits: int | None) -> int:
     """Bits of layer ``index`` of ``count``: ``first_last_bits`` for the first and last
     layer when given, ``bits`` otherwise."""
@@ -657,13 +675,8 @@ def prepare_qat(model: nn.Module, weight_bits: int, act_bits: int | None = None,
 
     def qat_layer(name: str, m: nn.Module) -> nn.Module:
         b = layer_bits(index[name], count, weight_bits, first_last_bits)
-        if isinstance(m, nn.Conv2d):
-            return QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride,
-                               m.padding, m.dilation, m.groups, m.bias is not None,
-                               m.padding_mode, weight_bits=b, per_channel=per_channel,
-                               grid=grid)
-        return QuantLinear(m.in_features, m.out_features, m.bias is not None,
-                           weight_bits=b, per_channel=per_channel, grid=grid)
+        return clone_layer(m, QuantConv2d, QuantLinear, weight_bits=b,
+                           per_channel=per_channel, grid=grid)
 
     model = replace_layers(model, qat_layer)
     if act_bits is not None:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant
-from .quant import check_bits
+from .quant import check_bits, clone_layer
 
 __all__ = ["VALUE_SETS", "ArgmaxTracker", "logit_margins", "gap_bound", "gap_at", "temperature_for_gap",
            "GapSchedule", "GapAnnealer", "value_set", "check_temperature", "SLBConv2d", "SLBLinear", "StateBatchNorm1d",
@@ -795,11 +795,7 @@ def convert(model: nn.Module, bits: int, act_bits: int | None = None, sbn: bool 
     def slb_layer(name: str, m: nn.Module) -> nn.Module:
         kw = dict(bits=bits, temperature=temperature, alpha=alpha, init=init, weight=m.weight,
                   values=values)
-        if isinstance(m, nn.Conv2d):
-            new = SLBConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                            m.dilation, m.groups, m.bias is not None, **kw)
-        else:
-            new = SLBLinear(m.in_features, m.out_features, m.bias is not None, **kw)
+        new = clone_layer(m, SLBConv2d, SLBLinear, **kw)
         if m.bias is not None:
             new.bias.data.copy_(m.bias.detach())
         return new
@@ -948,11 +944,7 @@ def export(model: nn.Module) -> nn.Module:
     (for :func:`lowbit.quant.model_size_bits`) and its integer ``codes``."""
     def plain_layer(name: str, m: _SLBWeight) -> nn.Module:
         k, scale = codes(m)
-        if isinstance(m, SLBConv2d):
-            new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                            m.dilation, m.groups, m.bias is not None)
-        else:
-            new = nn.Linear(m.in_features, m.out_features, m.bias is not None)
+        new = clone_layer(m)
         new.weight.copy_(m.discrete_weight())
         if m.bias is not None:
             new.bias.copy_(m.bias)

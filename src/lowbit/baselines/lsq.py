@@ -24,8 +24,8 @@ import math
 import torch
 from torch import nn
 
-from ..quant import (check_bits, check_extra_state, check_step, check_tensor, layer_bits,
-                     quantizable_layers, replace_layers, set_module)
+from ..quant import (check_bits, check_extra_state, check_step, check_tensor, clone_layer,
+                     layer_bits, quantizable_layers, replace_layers, set_module)
 
 __all__ = ["LSQFunction", "lsq_quantize", "lsq_range", "initial_step", "LSQConv2d",
            "LSQLinear", "LSQAct", "prepare_lsq", "STEP_INITS"]
@@ -180,13 +180,7 @@ def prepare_lsq(model: nn.Module, weight_bits: int, act_bits: int | None = None,
 
     def lsq_layer(name: str, m: nn.Module) -> nn.Module:
         b = layer_bits(index[name], len(index), weight_bits, first_last_bits)
-        if isinstance(m, nn.Conv2d):
-            new = LSQConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                            m.dilation, m.groups, m.bias is not None, m.padding_mode,
-                            weight_bits=b, init=init)
-        else:
-            new = LSQLinear(m.in_features, m.out_features, m.bias is not None,
-                            weight_bits=b, init=init)
+        new = clone_layer(m, LSQConv2d, LSQLinear, weight_bits=b, init=init)
         new.load_state_dict(m.state_dict(), strict=False)
         new.step.data.fill_(initial_step(m.weight, b, True, init))
         return new

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import check_extra_state, quantize_asymmetric, quantize_symmetric, \
+from ..quant import check_extra_state, clone_layer, quantize_asymmetric, quantize_symmetric, \
     replace_layers
 from .kernel import Workspace, can_compile, quantize_copies_compiled
 from .quantizers import FORWARD_BITS, as_rows, check_grad_bits, check_quantizer, \
@@ -273,10 +273,6 @@ def convert(model: nn.Module, mode: str = "fqt", quantizer: str = "psq",
     kw = dict(mode=mode, quantizer=quantizer, grad_bits=grad_bits)
 
     def fqt_layer(name: str, m: nn.Module) -> nn.Module:
-        if isinstance(m, nn.Conv2d):
-            return FQTConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride,
-                             m.padding, m.dilation, m.groups, m.bias is not None,
-                             m.padding_mode, **kw)
-        return FQTLinear(m.in_features, m.out_features, m.bias is not None, **kw)
+        return clone_layer(m, FQTConv2d, FQTLinear, **kw)
 
     return replace_layers(model, fqt_layer)
