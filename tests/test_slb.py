@@ -451,3 +451,11 @@ def test_assigning_alpha_to_a_learned_scale_sets_it():
     with pytest.raises(ValueError, match="alpha must be one finite number > 0"):
         layer.alpha = -1.0
     assert float(layer.alpha.detach()) == pytest.approx(2.0)
+
+
+def test_a_conv_that_does_not_pad_with_zeros_is_named():
+    """SLB's conv layers pad with zeros: converting a conv with another padding mode is
+    refused, naming the layer and its mode (it used to lose the mode silently)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match=r"'0' pads with 'reflect'"):
+        slb.convert(net, bits=2)

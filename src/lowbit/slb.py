@@ -795,6 +795,9 @@ def convert(model: nn.Module, bits: int, act_bits: int | None = None, sbn: bool 
     def slb_layer(name: str, m: nn.Module) -> nn.Module:
         kw = dict(bits=bits, temperature=temperature, alpha=alpha, init=init, weight=m.weight,
                   values=values)
+        if getattr(m, "padding_mode", "zeros") != "zeros":
+            raise ValueError(f"SLB's conv layers pad with zeros; {name!r} pads with "
+                             f"{m.padding_mode!r}")
         new = clone_layer(m, SLBConv2d, SLBLinear, **kw)
         if m.bias is not None:
             new.bias.data.copy_(m.bias.detach())
