@@ -19,6 +19,7 @@ import functools
 import gzip
 import os
 import io
+import numbers
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -312,12 +313,13 @@ def get_loaders(name: str = "mnist", batch_size: int = 128, seed: int = 0,
     """
     s = load_arrays(name, seed) if name not in _UNCACHED or n_train is None else None
     size = len(s.y_train) if s is not None else len(load_fashion_mnist()["y_train"])
-    if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int)
+    if n_train is not None and (isinstance(n_train, bool)
+                                or not isinstance(n_train, numbers.Integral)
                                 or not 1 <= n_train <= size):
         raise ValueError(f"n_train must be from 1 to {size} (an int) for {name!r}, got "
                          f"{n_train!r}")
     if s is None:  # a large data set: only the subset is made
-        s = _uncached_split(name, seed, True, n_train)
+        s = _uncached_split(name, seed, True, int(n_train))
     x, y = s.x_train[:n_train], s.y_train[:n_train]
     return (ArrayLoader(x, y, batch_size, shuffle=True, seed=seed),
             ArrayLoader(s.x_test, s.y_test, 512))
