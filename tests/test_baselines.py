@@ -36,6 +36,17 @@ def test_lsq_matches_the_papers_code(bits, signed):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("bits,signed", [(2, True), (4, False), (8, True)])
+def test_lsq_without_gradient_gives_the_autograd_paths_values_bit_for_bit(bits, signed):
+    g = torch.Generator().manual_seed(bits)
+    v = torch.randn(64, 8, 7, 7, generator=g) * 3
+    v = v if signed else v.relu()
+    s = torch.tensor([0.17], requires_grad=True)
+    with_grad = B.lsq_quantize(v, s, bits, signed).detach()
+    with torch.no_grad():
+        assert torch.equal(B.lsq_quantize(v, s, bits, signed), with_grad)
+
+
 def test_lsq_values_on_the_grid_and_range():
     s = torch.tensor([0.1])
     y = B.lsq_quantize(torch.linspace(-1, 1, 1001), s, 3)

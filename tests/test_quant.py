@@ -161,6 +161,14 @@ def test_calibrated_activation_range():
         Q.quantize_model(net, 8, act_bits=8, act_range="calibrate")
 
 
+def test_act_quant_without_gradient_gives_the_ste_paths_values_bit_for_bit():
+    aq = Q.ActQuant(4, x_max=2.5).eval()
+    x = (torch.randn(64, 8, 7, 7, generator=torch.Generator().manual_seed(0)) * 2).relu()
+    with_grad = aq(x.clone().requires_grad_()).detach()
+    with torch.no_grad():
+        assert torch.equal(aq(x), with_grad)
+
+
 def test_model_size_bits():
     net = _net()
     n_w = sum(m.weight.numel() for _, m in Q.quantizable_layers(net))

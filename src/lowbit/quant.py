@@ -518,6 +518,8 @@ class ActQuant(nn.Module):
                                "calibrate it, or set x_max (quantize_model does this)")
         if self.x_max <= 0:
             return torch.zeros_like(x)
+        if not (torch.is_grad_enabled() and x.requires_grad):  # no gradient, no STE mask
+            return _unsigned_nearest(x, 2 ** self.bits - 1, self.x_max)
         return _UnsignedSTE.apply(x, self.bits, self.x_max)
 
     def get_extra_state(self) -> dict:  # settings that change the output: in the state dict

@@ -78,6 +78,9 @@ def lsq_quantize(v: torch.Tensor, s: torch.Tensor, bits: int, signed: bool = Tru
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int (the number of values the step serves), got {n!r}")
     g = 1.0 / math.sqrt(n * qp)
+    if not (torch.is_grad_enabled() and (v.requires_grad or s.requires_grad)):
+        # no gradient (evaluation): Eq. 1's values, computed in place
+        return torch.div(v, s).clamp_(-qn, qp).round_().mul_(s)
     return LSQFunction.apply(v, s, g, qn, qp)
 
 
