@@ -42,6 +42,11 @@ def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
     return (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
 
 
+def _on_grid(y: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    """Eq. 1 from y = v/s: round(clip(y, −Q_N, Q_P))·s, on a new buffer (``y`` is kept)."""
+    return y.clamp(-qn, qp).round_().mul_(s)
+
+
 class LSQFunction(torch.autograd.Function):
     """v̂ = round(clip(v/s, −Q_N, Q_P))·s with the STE for v and Eq. 3, times ``g``, for s."""
 
@@ -51,7 +56,7 @@ class LSQFunction(torch.autograd.Function):
         y = v / s
         ctx.save_for_backward(y)
         ctx.g, ctx.qn, ctx.qp = g, qn, qp
-        return y.clamp(-qn, qp).round() * s
+        return _on_grid(y, s, qn, qp)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -79,8 +84,7 @@ def lsq_quantize(v: torch.Tensor, s: torch.Tensor, bits: int, signed: bool = Tru
         raise ValueError(f"n must be a positive int (the number of values the step serves), got {n!r}")
     g = 1.0 / math.sqrt(n * qp)
     if not (torch.is_grad_enabled() and (v.requires_grad or s.requires_grad)):
-        # no gradient (evaluation): Eq. 1's values, computed in place
-        return torch.div(v, s).clamp_(-qn, qp).round_().mul_(s)
+        return _on_grid(v / s, s, qn, qp)  # no gradient (evaluation): nothing to keep
     return LSQFunction.apply(v, s, g, qn, qp)
 
 
