@@ -477,10 +477,10 @@ def log_error(accuracy) -> np.ndarray:
 
 
 #: The modules the book's API reference documents (book/api.md), each with its ``__all__``.
-API_MODULES = ("lowbit.quant", "lowbit.psgd", "lowbit.slb", "lowbit.fqt", "lowbit.baselines",
-               "lowbit.optim", "lowbit.models", "lowbit.data", "lowbit.train", "lowbit.recipes",
-               "lowbit.cache", "lowbit.landscape", "lowbit.plots", "lowbit.book", "lowbit.bench",
-               "lowbit.course", "lowbit.run")
+API_MODULES = ("lowbit.quant", "lowbit.checks", "lowbit.psgd", "lowbit.slb", "lowbit.fqt",
+               "lowbit.baselines", "lowbit.optim", "lowbit.models", "lowbit.data", "lowbit.train",
+               "lowbit.recipes", "lowbit.cache", "lowbit.landscape", "lowbit.plots", "lowbit.book",
+               "lowbit.bench", "lowbit.course", "lowbit.run")
 
 
 def api_name(obj: object) -> str | None:

@@ -27,7 +27,8 @@ from loss_landscapes.metrics import Loss
 from loss_landscapes.model_interface.model_wrapper import wrap_model
 from torch import nn
 
-from .quant import check_bits, layer_bits, quantizable_layers, quantize_symmetric
+from .checks import check_bits
+from .quant import layer_bits, quantizable_layers, quantize_symmetric
 
 __all__ = ["filter_normalized_direction", "Plane", "loss_plane", "loss_line", "sharpness"]
 

@@ -36,7 +36,8 @@ from torch import nn
 from torch.optim.sgd import sgd
 
 from .optim import checked_gradients, max_abs, run_closure
-from .quant import check_bits, quantizable_layers, quantize_symmetric
+from .checks import check_bits
+from .quant import quantizable_layers, quantize_symmetric
 
 __all__ = ["position_target", "position_scale", "warp", "PSGD",
            "param_groups", "sparsity", "magnitude_prune", "weight_quantization_mse"]

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import baselines, data, fqt as fqt_, models, psgd as psgd_, quant, slb as slb_
+from . import baselines, checks, data, fqt as fqt_, models, psgd as psgd_, quant, slb as slb_
 from .cache import load_or_train
 from .train import History, evaluate, fit, seed_everything
 
@@ -101,7 +101,7 @@ def train_qat(r: Recipe, bits: int, epochs: int = 2, lr: float = 0.005,
     ``method="lsq"`` trains LSQ instead (:func:`lowbit.baselines.prepare_lsq`: learned steps
     for the weights and the activations, starting where the paper starts them).
     ``quant_loss`` adds λ·:func:`lowbit.baselines.quantization_loss` to the loss (1 bit)."""
-    quant.check_bits(bits, 1)
+    checks.check_bits(bits, 1)
     if method not in QAT_METHODS:
         raise ValueError(f"method must be one of {QAT_METHODS}, got {method!r}")
     if quant_loss < 0 or (quant_loss and bits != 1):
@@ -439,14 +439,14 @@ def train_fqt(r: Recipe, mode: str = "fqt", quantizer: str = "psq", grad_bits: i
             raise ValueError("weights stored on a grid train with plain SGD (GridSGD keeps no "
                              f"momentum buffer): use optimizer='sgd' and a recipe with "
                              f"momentum=0, got {optimizer!r} and momentum={r.momentum}")
-        weight_bits = quant.check_bits(weight_bits, 2, 16, "weight_bits")
+        weight_bits = checks.check_bits(weight_bits, 2, 16, "weight_bits")
     if mode not in ("fp", "qat", "fqt"):
         raise ValueError(f"mode must be 'fp', 'qat' or 'fqt', got {mode!r}")
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     settings = {"mode": mode, "optimizer": optimizer}
     if mode == "fqt":
-        settings.update(quantizer=quantizer, grad_bits=quant.check_bits(grad_bits, 1, 32),
+        settings.update(quantizer=quantizer, grad_bits=checks.check_bits(grad_bits, 1, 32),
                         dither_bits=quant.DITHER_BITS)  # the rounding's random numbers
 
     def make() -> nn.Module:
@@ -512,10 +512,10 @@ class LowBitConfig:
         if self.weights != "fp":
             if self.weight_bits is None:
                 raise ValueError(f"weights={self.weights!r} needs weight_bits")
-            quant.check_bits(self.weight_bits, 2 if self.weights == "psgd" else 1, 8,
+            checks.check_bits(self.weight_bits, 2 if self.weights == "psgd" else 1, 8,
                              f"weight_bits for {self.weights}")
         if self.act_bits is not None:
-            quant.check_bits(self.act_bits, 1, 32, "act_bits")
+            checks.check_bits(self.act_bits, 1, 32, "act_bits")
             if self.weights == "fp":
                 raise ValueError("weights='fp' quantizes nothing: give act_bits=None")
         if self.grad_quantizer is not None:

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant
-from .quant import check_bits, clone_layer
+from .checks import check_bits, check_extra_state, check_tensor
+from .quant import clone_layer
 
 __all__ = ["VALUE_SETS", "ArgmaxTracker", "logit_margins", "gap_bound", "gap_at", "temperature_for_gap",
            "GapSchedule", "GapAnnealer", "value_set", "check_temperature", "SLBConv2d", "SLBLinear", "StateBatchNorm1d",
@@ -113,7 +114,7 @@ class _SLBWeight(nn.Module):
         if init == "nearest":
             if weight is None:
                 raise ValueError("init='nearest' needs the full-precision weight")
-            quant.check_tensor(weight, "weight")
+            check_tensor(weight, "weight")
             if tuple(weight.shape) != tuple(shape):
                 raise ValueError(f"init='nearest' needs the layer's weight, of shape "
                                  f"{tuple(shape)}; got shape {tuple(weight.shape)}")
@@ -210,7 +211,7 @@ class _SLBWeight(nn.Module):
         return {"temperature": self.temperature, "state": self.state}
 
     def set_extra_state(self, extra: dict) -> None:
-        quant.check_extra_state(self, extra, ("temperature", "state"))
+        check_extra_state(self, extra, ("temperature", "state"))
         self.temperature = extra["temperature"]  # (checked by the property)
         self.state = _check_state(extra["state"])
 
@@ -388,7 +389,7 @@ class _StateBatchNorm(nn.Module):
         return {"state": self.state}
 
     def set_extra_state(self, extra: dict) -> None:
-        quant.check_extra_state(self, extra, ("state",))
+        check_extra_state(self, extra, ("state",))
         self.state = _check_state(extra["state"])
 
     def extra_repr(self) -> str:

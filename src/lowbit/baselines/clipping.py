@@ -24,7 +24,8 @@ import math
 
 import torch
 
-from ..quant import finite_range, check_bits, signed_levels
+from ..checks import check_bits, finite_range
+from ..quant import signed_levels
 
 __all__ = ["laplace_clip", "GRIDS", "aciq_quantize", "bias_correct"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import finite_range, check_bits
+from ..checks import check_bits, finite_range
 
 __all__ = ["adaptivfloat_values", "quantize_adaptivfloat"]
 

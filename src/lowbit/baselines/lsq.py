@@ -24,8 +24,8 @@ import math
 import torch
 from torch import nn
 
-from ..quant import (check_bits, check_extra_state, check_step, check_tensor, clone_layer,
-                     layer_bits, quantizable_layers, replace_layers, set_module)
+from ..checks import check_bits, check_extra_state, check_step, check_tensor
+from ..quant import clone_layer, layer_bits, quantizable_layers, replace_layers, set_module
 
 __all__ = ["LSQFunction", "lsq_quantize", "lsq_range", "initial_step", "LSQConv2d",
            "LSQLinear", "LSQAct", "prepare_lsq", "STEP_INITS"]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant import check_tensor, quantizable_layers
+from ..checks import check_tensor
+from ..quant import quantizable_layers
 
 __all__ = ["check_sparsity", "cubic_sparsity", "layer_masks", "apply_masks", "GradualPruner",
            "snip_masks"]

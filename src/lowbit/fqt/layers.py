@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import check_extra_state, clone_layer, quantize_asymmetric, quantize_symmetric, \
+from ..checks import check_extra_state
+from ..quant import clone_layer, quantize_asymmetric, quantize_symmetric, \
     replace_layers
 from .kernel import Workspace, can_compile, quantize_copies_compiled
 from .quantizers import FORWARD_BITS, as_rows, check_grad_bits, check_quantizer, \

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..quant import check_bits, check_values, dither
+from ..checks import check_bits, check_values
+from ..quant import dither
 
 __all__ = ["GRAD_BITS", "FORWARD_BITS", "QUANTIZERS", "PT_VARIANTS", "check_grad_bits", "check_quantizer",
            "as_rows", "grid", "zero_code_grid", "code_scales", "sr_codes", "dequantize",

@@ -21,7 +21,8 @@ from typing import Iterable
 import torch
 
 from ..optim import checked_gradients, run_closure
-from ..quant import check_rounding, check_bits, dither, signed_levels
+from ..checks import check_bits, check_rounding
+from ..quant import dither, signed_levels
 
 __all__ = ["GridSGD", "on_grid"]
 
